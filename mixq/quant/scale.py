@@ -1,0 +1,105 @@
+"""Scale rules: from each group's range to a stored scale (and zero point).
+
+Notation: a group ``X_g`` (fp32) is quantized as ``q = round(X_g / s_g)`` and decoded as ``q * s_g``
+(asymmetric: ``(q - z_g) * s_g``). ``s_g = b_g * S`` where ``b_g`` is the stored block scale (a value
+of the scale format) and ``S`` the optional fp32 tensor scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mixq.formats import ExponentFormat, IntFormat, ScalarFormat
+from mixq.formats.minifloat import floor_log2, pow2
+from mixq.quant.spec import PercentileClip, QuantSpec
+
+
+@dataclass(frozen=True)
+class GroupScales:
+    """Per-group scales: ``scale`` = ``block * tensor`` ([G] fp32), ``zero`` ([G] fp32 integers) or None."""
+
+    scale: torch.Tensor
+    block: torch.Tensor
+    zero: torch.Tensor | None
+    tensor: torch.Tensor | None
+
+
+def group_range(X: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range ``(lo, hi)`` ([G] fp32 each) to be covered, before any clipping search.
+
+    Symmetric: ``(-amax, amax)``. Asymmetric: ``(min(x, 0), max(x, 0))``. Percentile clipping
+    takes the percentile of magnitudes (of values, asymmetric). NaN anywhere in a group gives NaN.
+    """
+    clip = spec.scale.clip
+    if isinstance(clip, PercentileClip) and X.shape[1] > 0:
+        n = X.shape[1]
+        k = max(1, min(n, math.ceil(clip.percent / 100.0 * n)))
+        if spec.scale.asymmetric:
+            lo, hi = X.kthvalue(n - k + 1, dim=1).values, X.kthvalue(k, dim=1).values
+        else:
+            hi = X.abs().kthvalue(k, dim=1).values
+            lo = -hi
+    else:
+        lo, hi = X.aminmax(dim=1)
+        if not spec.scale.asymmetric:
+            hi = torch.maximum(-lo, hi)
+            lo = -hi
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    bad = torch.isnan(X).any(dim=1) if X.shape[1] else torch.zeros_like(lo, dtype=torch.bool)
+    return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
+
+
+def tensor_scale(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+    """Second-level scale ``S = amax / (element.max * scale_format.max)`` (0-d fp32), or None."""
+    ts = spec.scale.tensor_scale
+    if ts is None:
+        return None
+    S = (amax.float() / (spec.format.max * spec.scale.format.max))
+    S = torch.where(S == 0, torch.ones_like(S), S)
+    return ts.round(S.reshape(1)).reshape(())
+
+
+def cast_scale(ideal: torch.Tensor, fmt: ScalarFormat, rule: str, element_max: float) -> torch.Tensor:
+    """Bring ideal scales ([G] fp32, > 0) into ``fmt`` by ``rule``; returns fp32 values of ``fmt``."""
+    if rule == "floor":
+        assert isinstance(fmt, ExponentFormat)
+        amax = ideal.double() * element_max
+        ok = torch.isfinite(amax) & (amax > 0)
+        k = floor_log2(torch.where(ok, amax, torch.ones_like(amax))) - int(math.floor(math.log2(element_max)))
+        return pow2(k.clamp(fmt.emin, fmt.emax)).float()
+    if rule == "ceil":
+        if fmt.num_codes > (1 << 16):
+            return ideal.clone()  # fp32 scales: the ideal scale itself
+        v = fmt.values()
+        v = v[v > 0]
+        return v[torch.searchsorted(v, ideal.contiguous()).clamp(max=v.numel() - 1)]
+    return fmt.round(ideal)
+
+
+def scales_for_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                     S: torch.Tensor | None) -> GroupScales:
+    """Scales (and zero points) that map ``[lo, hi]`` ([G] fp32) onto the element grid."""
+    fmt, rule = spec.format, spec.scale
+    if rule.asymmetric:
+        assert isinstance(fmt, IntFormat)
+        ideal = (hi - lo) / float(fmt.qmax - fmt.qmin)
+    else:
+        ideal = hi / fmt.max
+    if S is not None:
+        ideal = ideal / S
+    finite = torch.isfinite(ideal)
+    degenerate = finite & (ideal == 0)
+    safe = torch.where(finite & ~degenerate, ideal, torch.ones_like(ideal))
+    block = cast_scale(safe, rule.format, rule.rule, fmt.max)
+    block = torch.where(block > 0, block, torch.full_like(block, rule.format.min_subnormal))
+    one = rule.format.round(torch.ones(1)).item()
+    block = torch.where(degenerate, torch.full_like(block, one), block)
+    block = torch.where(finite, block, torch.full_like(block, torch.nan))
+    scale = block * S if S is not None else block
+    zero = None
+    if rule.asymmetric:
+        zero = (fmt.qmin - torch.round(lo / scale)).clamp(fmt.qmin, fmt.qmax)
+    return GroupScales(scale, block, zero, S)
