@@ -184,7 +184,10 @@ class FloatFormat(ScalarFormat):
             q = torch.where(overflow, torch.full_like(q, self.max), q)
         else:
             q = torch.where(overflow, torch.full_like(q, float("inf") if self.has_inf else float("nan")), q)
-        return torch.where(torch.signbit(y64), -q, q).float()
+        negative = torch.signbit(y64)
+        if self.specials == "fnuz" or not self.is_signed:
+            negative = negative & (q != 0)  # no negative zero in these formats: -0.0 becomes +0.0
+        return torch.where(negative, -q, q).float()
 
     def _nan_code(self) -> int:
         e, m = self.exponent_bits, self.mantissa_bits

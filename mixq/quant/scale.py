@@ -14,6 +14,7 @@ import torch
 
 from mixq.formats import ExponentFormat, IntFormat, ScalarFormat
 from mixq.formats.minifloat import floor_log2, pow2
+from mixq.quant import kernels
 from mixq.quant.spec import PercentileClip, QuantSpec
 
 
@@ -27,7 +28,7 @@ class GroupScales:
     tensor: torch.Tensor | None
 
 
-def group_range(X: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def group_range(X: torch.Tensor, spec: QuantSpec, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The range ``(lo, hi)`` ([G] fp32 each) to be covered, before any clipping search.
 
     Symmetric: ``(-amax, amax)``. Asymmetric: ``(min(x, 0), max(x, 0))``. Percentile clipping
@@ -43,10 +44,17 @@ def group_range(X: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
             hi = X.abs().kthvalue(k, dim=1).values
             lo = -hi
     else:
-        lo, hi = X.aminmax(dim=1)
+        fast = kernels.row_minmax(X, required=backend == "numba") if backend != "torch" else None
+        if fast is not None:
+            lo, hi, bad = fast
+        else:
+            lo, hi = X.aminmax(dim=1)
+            bad = torch.isnan(X).any(dim=1)
         if not spec.scale.asymmetric:
             hi = torch.maximum(-lo, hi)
             lo = -hi
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     bad = torch.isnan(X).any(dim=1) if X.shape[1] else torch.zeros_like(lo, dtype=torch.bool)
     return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
@@ -62,13 +70,15 @@ def tensor_scale(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     return ts.round(S.reshape(1)).reshape(())
 
 
-def cast_scale(ideal: torch.Tensor, fmt: ScalarFormat, rule: str, element_max: float) -> torch.Tensor:
-    """Bring ideal scales ([G] fp32, > 0) into ``fmt`` by ``rule``; returns fp32 values of ``fmt``."""
+def cast_scale(ideal: torch.Tensor, amax: torch.Tensor, fmt: ScalarFormat, rule: str,
+               element_max: float) -> torch.Tensor:
+    """Bring ideal scales ``amax / element_max`` ([G] fp32, > 0) into ``fmt`` by ``rule`` (fp32 values).
+
+    The floor rule reads ``amax`` itself (not the rounded quotient), as the OCP MX specification does.
+    """
     if rule == "floor":
         assert isinstance(fmt, ExponentFormat)
-        amax = ideal.double() * element_max
-        ok = torch.isfinite(amax) & (amax > 0)
-        k = floor_log2(torch.where(ok, amax, torch.ones_like(amax))) - int(math.floor(math.log2(element_max)))
+        k = floor_log2(amax.double()) - int(math.floor(math.log2(element_max)))
         return pow2(k.clamp(fmt.emin, fmt.emax)).float()
     if rule == "ceil":
         if fmt.num_codes > (1 << 16):
@@ -85,15 +95,18 @@ def scales_for_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
     fmt, rule = spec.format, spec.scale
     if rule.asymmetric:
         assert isinstance(fmt, IntFormat)
+        amax = torch.maximum(-lo, hi)
         ideal = (hi - lo) / float(fmt.qmax - fmt.qmin)
     else:
+        amax = hi
         ideal = hi / fmt.max
     if S is not None:
-        ideal = ideal / S
+        ideal, amax = ideal / S, amax / S
     finite = torch.isfinite(ideal)
     degenerate = finite & (ideal == 0)
-    safe = torch.where(finite & ~degenerate, ideal, torch.ones_like(ideal))
-    block = cast_scale(safe, rule.format, rule.rule, fmt.max)
+    usable = finite & ~degenerate
+    block = cast_scale(torch.where(usable, ideal, torch.ones_like(ideal)),
+                       torch.where(usable, amax, torch.ones_like(amax)), rule.format, rule.rule, fmt.max)
     block = torch.where(block > 0, block, torch.full_like(block, rule.format.min_subnormal))
     one = rule.format.round(torch.ones(1)).item()
     block = torch.where(degenerate, torch.full_like(block, one), block)

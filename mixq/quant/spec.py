@@ -204,9 +204,9 @@ def _apply_token(tok: str, text: str, fields: dict, rule: dict) -> None:
     elif m := _CHANNEL.match(tok):
         fields["granularity"] = PerChannel(int(m[1]) if m[1] else 0)
     elif m := _GROUP.match(tok):
-        fields["granularity"] = PerGroup(int(m[1]), int(m[2]) if m[2] else -1)
+        fields["granularity"] = _granularity(PerGroup, tok, text, int(m[1]), int(m[2]) if m[2] else -1)
     elif m := _BLOCK.match(tok):
-        fields["granularity"] = PerBlock(int(m[1]), int(m[2]))
+        fields["granularity"] = _granularity(PerBlock, tok, text, int(m[1]), int(m[2]))
     elif tok in ("sym", "asym"):
         rule["asymmetric"] = tok == "asym"
     elif tok == "absmax":
@@ -230,6 +230,13 @@ def _apply_token(tok: str, text: str, fields: dict, rule: dict) -> None:
             raise SpecError(f"unknown token {tok!r} in spec {text!r}.{hint} Expected a granularity "
                             "(tensor, channel, token, g64, b16x16), sym/asym, absmax/mse/p99.9, a scale "
                             "format (e8m0, fp16, ...), floor/ceil/nearest, ts, or rne/sr/rtz") from None
+
+
+def _granularity(cls: type, tok: str, text: str, *args: int) -> Granularity:
+    try:
+        return cls(*args)
+    except ValueError as err:  # g0, b0x4: report as a spec error naming the token
+        raise SpecError(f"bad granularity {tok!r} in spec {text!r}: {err}") from None
 
 
 def _scalar(name: str, text: str) -> ScalarFormat:

@@ -1,0 +1,227 @@
+"""numba kernels behind :mod:`mixq.quant.kernels` (imported only when a kernel is first needed).
+
+Each entry point is specialised for one rounding mode (0 nearest-even, 1 stochastic, 2 toward
+zero) by calling an inlined body with a constant, so the inner loops are branch-free and vectorise.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from mixq.quant.noise import GOLDEN, MASK32, MIX1, MIX2
+
+SIGN = np.uint32(0x80000000)
+ABS = np.uint32(0x7FFFFFFF)
+INF = np.uint32(0x7F800000)
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bit pattern (uint32) of an fp32 value."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, x):
+    """The fp32 value of the low 32 bits of an integer."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if x.bitwidth > 32:
+            v = builder.trunc(v, context.get_value_type(types.uint32))
+        return builder.bitcast(v, context.get_value_type(types.float32))
+
+    return types.float32(x), codegen
+
+
+@njit(inline="always")
+def hash32(i, seed):
+    h = (np.uint64(i) * np.uint64(GOLDEN) + np.uint64(seed)) & np.uint64(MASK32)
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(MIX1)) & np.uint64(MASK32)
+    h ^= h >> np.uint64(15)
+    h = (h * np.uint64(MIX2)) & np.uint64(MASK32)
+    return h ^ (h >> np.uint64(16))
+
+
+@njit(inline="always")
+def round_mode(t, mode, i, seed):
+    """Round float64 ``t`` to an integer: mode 0 half-even, 1 stochastic (hash of ``i``), 2 truncate."""
+    if mode == 0:
+        return np.rint(t)
+    if mode == 2:
+        return np.trunc(t)
+    f = np.floor(t)
+    u = np.float64(hash32(i, seed) >> np.uint64(8)) * 2.0**-24
+    return f + (1.0 if (1.0 - (t - f)) <= u else 0.0)
+
+
+@njit(parallel=True, cache=True)
+def row_minmax(X, lo, hi, bad):
+    R, n = X.shape
+    for r in prange(R):
+        mn = np.float32(np.inf)
+        mx = np.float32(-np.inf)
+        nan = False
+        for j in range(n):
+            v = X[r, j]
+            nan |= v != v
+            mn = min(mn, v)
+            mx = max(mx, v)
+        lo[r] = mn
+        hi[r] = mx
+        bad[r] = nan
+
+
+@njit(parallel=True, cache=True)
+def row_absmax_scale(X, scale, rule, element_max, emax_elem, emin, emax):
+    """Per row: ``amax`` (NaN if the row holds NaN/inf) to a scale.
+
+    rule 0: fp32 ``amax / element_max``; rule 1: OCP floor ``2**clamp(floor(log2 amax) - emax_elem)``.
+    A row whose ideal scale is zero gets scale 1 (as the reference).
+    """
+    R, n = X.shape
+    for r in prange(R):
+        top = np.uint32(0)
+        for j in range(n):
+            top = max(top, f32_bits(X[r, j]) & ABS)  # NaN > inf > finite, as unsigned patterns
+        bad = top >= INF
+        amax = bits_f32(top)
+        ideal = amax / element_max
+        if bad:
+            scale[r] = np.nan
+        elif ideal == 0:
+            scale[r] = 1.0
+        elif rule == 0:
+            scale[r] = ideal
+        else:
+            k = math.frexp(np.float64(amax))[1] - 1 - emax_elem
+            k = min(max(k, emin), emax)
+            scale[r] = np.float32(math.ldexp(1.0, k))
+
+
+@njit(inline="always")
+def _int_row(X, s, z, out, r, qmin, qmax, mode, seed):
+    n = X.shape[1]
+    sc = s[r]
+    zr = np.float64(z[r])
+    zf = np.float32(z[r])
+    for j in range(n):
+        y = X[r, j] / sc
+        t = round_mode(np.float64(y), mode, r * n + j, seed) + zr
+        t = min(max(t, qmin), qmax)
+        q = (np.float32(t) - zf) * sc
+        out[r, j] = q if y == y else y
+
+
+@njit(parallel=True, cache=True)
+def qdq_int_rne(X, s, z, out, qmin, qmax, seed):
+    for r in prange(X.shape[0]):
+        _int_row(X, s, z, out, r, qmin, qmax, 0, seed)
+
+
+@njit(parallel=True, cache=True)
+def qdq_int_sr(X, s, z, out, qmin, qmax, seed):
+    for r in prange(X.shape[0]):
+        _int_row(X, s, z, out, r, qmin, qmax, 1, seed)
+
+
+@njit(parallel=True, cache=True)
+def qdq_int_rtz(X, s, z, out, qmin, qmax, seed):
+    for r in prange(X.shape[0]):
+        _int_row(X, s, z, out, r, qmin, qmax, 2, seed)
+
+
+@njit(inline="always")
+def _float_row(X, s, out, r, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, mode, seed):
+    """One group row: normal range on the bits of ``|y|``, below the smallest normal in float64."""
+    n = X.shape[1]
+    shift = np.uint32(23 - m)
+    mask = np.uint32((0xFFFFFFFF << (23 - m)) & 0xFFFFFFFF)
+    half = np.uint32((1 << (22 - m)) - 1) if m < 23 else np.uint32(0)
+    sr_shift = np.uint64(9 + m) if m < 23 else np.uint64(40)
+    inv_sub = 1.0 / sub_step
+    sc = s[r]
+    for j in range(n):
+        y = X[r, j] / sc
+        b = f32_bits(y)
+        a = b & ABS
+        if mode == 0:
+            add = half + (((a >> shift) ^ flip) & np.uint32(1))
+        elif mode == 1:
+            add = np.uint32(hash32(r * n + j, seed) >> sr_shift)
+        else:
+            add = np.uint32(0)
+        rb = (a + add) & mask
+        rb = over_bits if rb > max_bits else rb
+        rb = a if a > INF else rb  # NaN stays NaN
+        neg_dropped = ((b & SIGN) != 0) & (sign_mask == 0) & (a <= INF)  # unsigned: negatives -> 0
+        qn = bits_f32(np.uint32(0) if neg_dropped else (b & sign_mask) | rb)
+        ay = np.float64(abs(y))
+        q = np.float32(round_mode(ay * inv_sub, mode, r * n + j, seed) * sub_step)
+        q = (-q if y < 0 else q) if sign_mask != 0 else (np.float32(0.0) if y < 0 else q)
+        v = q if ay < min_normal else qn
+        out[r, j] = v * sc
+
+
+@njit(parallel=True, cache=True)
+def qdq_float_rne(X, s, out, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, seed):
+    for r in prange(X.shape[0]):
+        _float_row(X, s, out, r, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, 0, seed)
+
+
+@njit(parallel=True, cache=True)
+def qdq_float_sr(X, s, out, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, seed):
+    for r in prange(X.shape[0]):
+        _float_row(X, s, out, r, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, 1, seed)
+
+
+@njit(parallel=True, cache=True)
+def qdq_float_rtz(X, s, out, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, seed):
+    for r in prange(X.shape[0]):
+        _float_row(X, s, out, r, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, 2, seed)
+
+
+@njit(parallel=True, cache=True)
+def qdq_grid(X, s, out, L, mids, mode, seed):
+    R, n = X.shape
+    nl = L.shape[0]
+    for r in prange(R):
+        sc = s[r]
+        for j in range(n):
+            y = X[r, j] / sc
+            y64 = np.float64(y)
+            if mode == 0:
+                k = 0  # number of midpoints below y, by a branch-free binary search over padded mids
+                step = mids.shape[0] + 1
+                while step > 1:
+                    step >>= 1
+                    k += step if mids[k + step - 1] < y64 else 0
+                k = min(k, nl - 1)
+                if k < nl - 1 and mids[k] == y64 and k % 2 == 1:
+                    k += 1
+            else:
+                k = -1
+                for i in range(nl):
+                    k += L[i] <= y64
+                k = min(max(k, 0), nl - 2)
+                lo, hi = L[k], L[k + 1]
+                if mode == 1:
+                    p = min(max((y64 - lo) / (hi - lo), 0.0), 1.0)
+                    u = np.float64(hash32(r * n + j, seed) >> np.uint64(8)) * 2.0**-24
+                    k += 1 if (1.0 - p) <= u else 0
+                elif y64 >= hi:
+                    k += 1
+                elif y64 > lo and abs(hi) < abs(lo):
+                    k += 1
+            out[r, j] = np.float32(L[k]) * sc if y == y else y
