@@ -107,14 +107,15 @@ def nf4() -> GridFormat:
     """QLoRA's NormalFloat4: quantiles of N(0, 1) with an exact zero, normalised to [-1, 1].
 
     8 positive levels are ``Phi^-1`` at ``linspace(offset, 0.5, 9)[:-1]`` and 7 negative ones at
-    ``linspace(offset, 0.5, 8)[:-1]``, with ``offset = 1 - (1/32 + 1/30) / 2`` (Dettmers et al.).
+    ``linspace(offset, 0.5, 8)[:-1]`` with ``offset = 0.9677083`` (about ``1 - (1/32 + 1/30) / 2``),
+    evaluated as bitsandbytes does (float32 linspace, float64 quantiles, float32 normalisation), so
+    the levels equal the NF4 table of bitsandbytes' kernels bit for bit.
     """
-    offset = 1.0 - 0.5 * (1.0 / 32 + 1.0 / 30)
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
-    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])
-    v = v / v.abs().max()
-    return GridFormat(tuple(v.tolist()), label="nf4", bit_width=4.0)
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float32)[:-1].double()).float()
+    neg = (-torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float32)[:-1].double())).float()
+    v = torch.cat([pos, torch.zeros(1), neg]).sort().values
+    return GridFormat(tuple((v / v.max()).tolist()), label="nf4", bit_width=4.0)
 
 
 def power_grid(bits: int, exponent: float) -> GridFormat:

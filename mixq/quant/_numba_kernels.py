@@ -1,7 +1,9 @@
 """numba kernels behind :mod:`mixq.quant.kernels` (imported only when a kernel is first needed).
 
-Each entry point is specialised for one rounding mode (0 nearest-even, 1 stochastic, 2 toward
-zero) by calling an inlined body with a constant, so the inner loops are branch-free and vectorise.
+Every loop body is specialised for one rounding mode (0 nearest-even, 1 stochastic, 2 toward
+zero) by an inlined helper called with a constant, so the inner loops are branch-free.
+Minifloat parameters travel as one tuple ``fp = (m, flip, sub_step, min_normal, max_bits,
+over_bits, sign_mask)`` (see ``kernels.float_params``).
 """
 
 import math
@@ -66,6 +68,34 @@ def round_mode(t, mode, i, seed):
     return f + (1.0 if (1.0 - (t - f)) <= u else 0.0)
 
 
+@njit(inline="always")
+def round_minifloat(y, fp, mode, i, seed):
+    """fp32 ``y`` rounded onto a minifloat: normals on the bit pattern, the rest in float64."""
+    m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask = fp
+    b = f32_bits(y)
+    a = b & ABS
+    if m == 23:
+        add = np.uint32(0)
+        mask = np.uint32(0xFFFFFFFF)
+    else:
+        mask = np.uint32((0xFFFFFFFF << (23 - m)) & 0xFFFFFFFF)
+        if mode == 0:
+            add = np.uint32((1 << (22 - m)) - 1) + (((a >> np.uint32(23 - m)) ^ flip) & np.uint32(1))
+        elif mode == 1:
+            add = np.uint32(hash32(i, seed) >> np.uint64(9 + m))
+        else:
+            add = np.uint32(0)
+    rb = (a + add) & mask
+    rb = over_bits if rb > max_bits else rb
+    rb = a if a > INF else rb  # NaN stays NaN
+    neg_dropped = ((b & SIGN) != 0) & (sign_mask == 0) & (a <= INF)  # unsigned: negatives -> 0
+    qn = bits_f32(np.uint32(0) if neg_dropped else (b & sign_mask) | rb)
+    ay = np.float64(abs(y))
+    q = np.float32(round_mode(ay * (1.0 / sub_step), mode, i, seed) * sub_step)
+    q = (-q if y < 0 else q) if sign_mask != 0 else (np.float32(0.0) if y < 0 else q)
+    return q if ay < min_normal else qn
+
+
 @njit(parallel=True, cache=True)
 def row_minmax(X, lo, hi, bad):
     R, n = X.shape
@@ -84,30 +114,40 @@ def row_minmax(X, lo, hi, bad):
 
 
 @njit(parallel=True, cache=True)
-def row_absmax_scale(X, scale, rule, element_max, emax_elem, emin, emax):
-    """Per row: ``amax`` (NaN if the row holds NaN/inf) to a scale.
-
-    rule 0: fp32 ``amax / element_max``; rule 1: OCP floor ``2**clamp(floor(log2 amax) - emax_elem)``.
-    A row whose ideal scale is zero gets scale 1 (as the reference).
-    """
+def row_absmax(X, amax):
+    """Largest magnitude per row (fp32); NaN for rows holding NaN or inf."""
     R, n = X.shape
     for r in prange(R):
         top = np.uint32(0)
         for j in range(n):
-            top = max(top, f32_bits(X[r, j]) & ABS)  # NaN > inf > finite, as unsigned patterns
-        bad = top >= INF
-        amax = bits_f32(top)
-        ideal = amax / element_max
-        if bad:
-            scale[r] = np.nan
+            top = max(top, f32_bits(X[r, j]) & ABS)  # as unsigned patterns: NaN > inf > finite
+        amax[r] = np.float32(np.nan) if top >= INF else bits_f32(top)
+
+
+@njit(parallel=True, cache=True)
+def scales_from_amax(amax, block, scale, rule, element_max, emax_elem, emin, emax, S, fp, one, min_sub):
+    """Block scales from row maxima, exactly as ``mixq.quant.scale.scales_for_range`` (symmetric).
+
+    rule 0: fp32 ``amax / element_max``; 1: OCP floor ``2**clamp(floor(log2 amax) - emax_elem)``;
+    2: nearest value of the minifloat ``fp``. ``S``: tensor scale (1 when there is none).
+    """
+    for g in prange(amax.shape[0]):
+        a = amax[g] / S
+        ideal = (amax[g] / element_max) / S
+        if ideal != ideal or abs(ideal) == np.inf:
+            b = np.float32(np.nan)
         elif ideal == 0:
-            scale[r] = 1.0
+            b = one
         elif rule == 0:
-            scale[r] = ideal
+            b = ideal
+        elif rule == 1:
+            k = min(max(math.frexp(np.float64(a))[1] - 1 - emax_elem, emin), emax)
+            b = np.float32(math.ldexp(1.0, k))
         else:
-            k = math.frexp(np.float64(amax))[1] - 1 - emax_elem
-            k = min(max(k, emin), emax)
-            scale[r] = np.float32(math.ldexp(1.0, k))
+            b = round_minifloat(ideal, fp, 0, 0, 0)
+            b = b if b > 0 else min_sub
+        block[g] = b
+        scale[g] = b * S
 
 
 @njit(inline="always")
@@ -143,57 +183,59 @@ def qdq_int_rtz(X, s, z, out, qmin, qmax, seed):
 
 
 @njit(inline="always")
-def _float_row(X, s, out, r, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, mode, seed):
-    """One group row: normal range on the bits of ``|y|``, below the smallest normal in float64."""
+def _float_row(X, s, out, r, fp, mode, seed):
     n = X.shape[1]
-    shift = np.uint32(23 - m)
-    mask = np.uint32((0xFFFFFFFF << (23 - m)) & 0xFFFFFFFF)
-    half = np.uint32((1 << (22 - m)) - 1) if m < 23 else np.uint32(0)
-    sr_shift = np.uint64(9 + m) if m < 23 else np.uint64(40)
-    inv_sub = 1.0 / sub_step
     sc = s[r]
     for j in range(n):
-        y = X[r, j] / sc
-        b = f32_bits(y)
-        a = b & ABS
-        if mode == 0:
-            add = half + (((a >> shift) ^ flip) & np.uint32(1))
-        elif mode == 1:
-            add = np.uint32(hash32(r * n + j, seed) >> sr_shift)
-        else:
-            add = np.uint32(0)
-        rb = (a + add) & mask
-        rb = over_bits if rb > max_bits else rb
-        rb = a if a > INF else rb  # NaN stays NaN
-        neg_dropped = ((b & SIGN) != 0) & (sign_mask == 0) & (a <= INF)  # unsigned: negatives -> 0
-        qn = bits_f32(np.uint32(0) if neg_dropped else (b & sign_mask) | rb)
-        ay = np.float64(abs(y))
-        q = np.float32(round_mode(ay * inv_sub, mode, r * n + j, seed) * sub_step)
-        q = (-q if y < 0 else q) if sign_mask != 0 else (np.float32(0.0) if y < 0 else q)
-        v = q if ay < min_normal else qn
-        out[r, j] = v * sc
+        out[r, j] = round_minifloat(X[r, j] / sc, fp, mode, r * n + j, seed) * sc
 
 
 @njit(parallel=True, cache=True)
-def qdq_float_rne(X, s, out, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, seed):
+def qdq_float_rne(X, s, out, fp, seed):
     for r in prange(X.shape[0]):
-        _float_row(X, s, out, r, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, 0, seed)
+        _float_row(X, s, out, r, fp, 0, seed)
 
 
 @njit(parallel=True, cache=True)
-def qdq_float_sr(X, s, out, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, seed):
+def qdq_float_sr(X, s, out, fp, seed):
     for r in prange(X.shape[0]):
-        _float_row(X, s, out, r, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, 1, seed)
+        _float_row(X, s, out, r, fp, 1, seed)
 
 
 @njit(parallel=True, cache=True)
-def qdq_float_rtz(X, s, out, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, seed):
+def qdq_float_rtz(X, s, out, fp, seed):
     for r in prange(X.shape[0]):
-        _float_row(X, s, out, r, m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask, 2, seed)
+        _float_row(X, s, out, r, fp, 2, seed)
 
 
 @njit(parallel=True, cache=True)
-def qdq_grid(X, s, out, L, mids, mode, seed):
+def qdq_grid_rne(X, s, out, L, mids):
+    """Nearest level; ``k`` counts the midpoints below ``y`` (ties go to the even index)."""
+    R, n = X.shape
+    nm = mids.shape[0]
+    chunks = min(R, 256)
+    for c in prange(chunks):
+        k = np.empty(n, np.int32)
+        y = np.empty(n, np.float64)
+        for r in range(c * R // chunks, (c + 1) * R // chunks):
+            sc = s[r]
+            for j in range(n):
+                y[j] = np.float64(X[r, j] / sc)
+                k[j] = 0
+            for i in range(nm):
+                mi = mids[i]
+                for j in range(n):
+                    k[j] += mi < y[j]
+            for j in range(n):
+                kk = k[j]
+                kk += 1 if (kk < nm and mids[min(kk, nm - 1)] == y[j] and kk % 2 == 1) else 0
+                v = np.float32(L[kk]) * sc
+                out[r, j] = v if y[j] == y[j] else np.float32(np.nan)
+
+
+@njit(parallel=True, cache=True)
+def qdq_grid_directed(X, s, out, L, mode, seed):
+    """Stochastic (mode 1) or toward-zero (mode 2) rounding between the two neighbouring levels."""
     R, n = X.shape
     nl = L.shape[0]
     for r in prange(R):
@@ -201,27 +243,17 @@ def qdq_grid(X, s, out, L, mids, mode, seed):
         for j in range(n):
             y = X[r, j] / sc
             y64 = np.float64(y)
-            if mode == 0:
-                k = 0  # number of midpoints below y, by a branch-free binary search over padded mids
-                step = mids.shape[0] + 1
-                while step > 1:
-                    step >>= 1
-                    k += step if mids[k + step - 1] < y64 else 0
-                k = min(k, nl - 1)
-                if k < nl - 1 and mids[k] == y64 and k % 2 == 1:
-                    k += 1
-            else:
-                k = -1
-                for i in range(nl):
-                    k += L[i] <= y64
-                k = min(max(k, 0), nl - 2)
-                lo, hi = L[k], L[k + 1]
-                if mode == 1:
-                    p = min(max((y64 - lo) / (hi - lo), 0.0), 1.0)
-                    u = np.float64(hash32(r * n + j, seed) >> np.uint64(8)) * 2.0**-24
-                    k += 1 if (1.0 - p) <= u else 0
-                elif y64 >= hi:
-                    k += 1
-                elif y64 > lo and abs(hi) < abs(lo):
-                    k += 1
+            k = -1
+            for i in range(nl):
+                k += L[i] <= y64
+            k = min(max(k, 0), nl - 2)
+            lo, hi = L[k], L[k + 1]
+            if mode == 1:
+                p = min(max((y64 - lo) / (hi - lo), 0.0), 1.0)
+                u = np.float64(hash32(r * n + j, seed) >> np.uint64(8)) * 2.0**-24
+                k += 1 if (1.0 - p) <= u else 0
+            elif y64 >= hi:
+                k += 1
+            elif y64 > lo and abs(hi) < abs(lo):
+                k += 1
             out[r, j] = np.float32(L[k]) * sc if y == y else y

@@ -63,10 +63,11 @@ def qdq_groups(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int, bac
 
 def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> GroupScales:
     """Scales for groups ``X`` ([G, n] fp32) by the spec's scale rule, including clip search."""
-    if backend != "torch":
-        fast = kernels.absmax_scales(X, spec, required=False)
-        if fast is not None:
-            return GroupScales(fast, fast, None, None)
+    if backend != "torch" and kernels.covers_absmax_scales(X, spec):
+        amax = kernels.row_absmax(X)
+        S = tensor_scale(amax.max(), spec)
+        block, scale = kernels.absmax_scales(amax, spec, S)
+        return GroupScales(scale, block, None, S)
     lo, hi = group_range(X, spec, backend)
     S = tensor_scale(torch.maximum(-lo, hi).max() if lo.numel() else torch.zeros(()), spec)
     best = scales_for_range(lo, hi, spec, S)

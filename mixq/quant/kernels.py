@@ -5,12 +5,14 @@ with one pass per group row:
 
 - ``y = fp32(x / s)``; normal-range minifloat rounding on the fp32 bit pattern of ``|y|`` (add half
   an ulp plus the parity bit, or the top bits of the element's hash for stochastic rounding, then
-  mask), values below the smallest normal by exact float arithmetic, then ``fp32(q * s)``;
-- integers by ``rint``/``floor``/``trunc`` in float64, clamped; grids by counting midpoints.
+  mask), values below the smallest normal by exact float64 arithmetic, then ``fp32(q * s)``;
+- integers by ``rint``/``floor``/``trunc`` in float64, clamped; grids by counting midpoints;
+- symmetric absmax scales (fp32, OCP floor to E8M0, or nearest into a minifloat such as E4M3,
+  with or without a tensor scale) from one pass of row maxima.
 
 Stochastic rounding draws the same hash-based uniforms as :mod:`mixq.quant.noise`. Kernels are
-compiled on first use (about a second each, cached on disk by numba) and only used for tensors of
-at least ``MIN_NUMEL`` elements, so a small call never pays a compilation.
+compiled on first use (about a second each; numba caches them on disk) and only used for tensors
+of at least ``MIN_NUMEL`` elements, so a small call never pays a compilation.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import math
 import numpy as np
 import torch
 
-from mixq.formats import FloatFormat, GridFormat, IntFormat, Rounding
+from mixq.formats import ExponentFormat, FloatFormat, GridFormat, IntFormat, Rounding
 
 MIN_NUMEL = 1 << 16
 _MODES = {Rounding.NEAREST: 0, Rounding.STOCHASTIC: 1, Rounding.TOWARD_ZERO: 2}
+_FP32 = FloatFormat(8, 23, specials="ieee")
 
 
 def available() -> bool:
@@ -51,6 +54,25 @@ def _usable(X: torch.Tensor, required: bool) -> bool:
     return required or X.numel() >= MIN_NUMEL
 
 
+def _kernel_float(fmt: FloatFormat) -> bool:
+    return fmt.emin >= -126  # normals below fp32's smallest normal: reference only
+
+
+def float_params(fmt: FloatFormat) -> tuple:
+    """The minifloat parameters the kernels take: ``(m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask)``."""
+    m = fmt.mantissa_bits
+    over = fmt.max if fmt.saturate else (math.inf if fmt.has_inf else math.nan)
+    return (
+        m,
+        np.uint32((fmt.bias + 1) & 1 if m == 0 else 0),  # parity of the exponent field, for m = 0 ties
+        float(fmt.min_subnormal if fmt.subnormals else fmt.min_normal),
+        float(fmt.min_normal),
+        np.uint32(np.float32(fmt.max).view(np.uint32)),
+        np.uint32(np.float32(over).view(np.uint32)),
+        np.uint32(0x80000000 if fmt.is_signed else 0),
+    )
+
+
 def _rows(X: torch.Tensor, *per_group: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Split few long groups into more rows (for threads); per-group vectors are repeated to match."""
     G, n = X.shape
@@ -63,20 +85,12 @@ def _rows(X: torch.Tensor, *per_group: torch.Tensor) -> tuple[torch.Tensor, ...]
     return (X, *per_group)
 
 
-def _padded_mids(L: np.ndarray) -> np.ndarray:
-    """Midpoints of sorted levels (float64), padded with +inf to ``2**k - 1`` entries for binary search."""
-    mids = (L[:-1] + L[1:]) / 2
-    size = (1 << int(math.ceil(math.log2(mids.size + 1)))) - 1
-    return np.concatenate([mids, np.full(size - mids.size, np.inf)])
-
-
 def row_minmax(X: torch.Tensor, required: bool = False):
     """``(lo, hi, has_nan)`` per row of ``X`` ([G, n] fp32), or None where the kernels do not apply."""
     if X.shape[1] == 0 or not _usable(X, required):
         return None
-    G, n = X.shape
-    Xc = X.contiguous()
-    Xr = _rows(Xc)[0]
+    G = X.shape[0]
+    Xr = _rows(X.contiguous())[0]
     lo = np.empty(Xr.shape[0], np.float32)
     hi = np.empty_like(lo)
     bad = np.empty(Xr.shape[0], np.bool_)
@@ -88,30 +102,45 @@ def row_minmax(X: torch.Tensor, required: bool = False):
     return lo_t, hi_t, bad_t
 
 
-def absmax_scales(X: torch.Tensor, spec, required: bool = False) -> torch.Tensor | None:
-    """Scales ([G] fp32) for the common rules, fused with the absmax pass; None when not covered.
-
-    Covered: symmetric absmax clipping without a tensor scale, stored as fp32 (nearest) or as a
-    power of two by the OCP floor rule. Everything else goes through :mod:`mixq.quant.scale`.
-    """
+def covers_absmax_scales(X: torch.Tensor, spec) -> bool:
+    """Whether :func:`row_absmax` + :func:`absmax_scales` implement ``spec``'s scale rule."""
     rule = spec.scale
-    if (rule.asymmetric or rule.tensor_scale is not None or type(rule.clip).__name__ != "AbsMaxClip"
-            or X.shape[1] == 0 or not _usable(X, required)):
-        return None
+    if rule.asymmetric or type(rule.clip).__name__ != "AbsMaxClip" or X.shape[1] == 0 or X.shape[0] < 64:
+        return False
+    if not _usable(X, False):
+        return False
     if rule.rule == "floor":
-        code, emin, emax = 1, rule.format.emin, rule.format.emax
-    elif rule.rule == "nearest" and rule.format == FloatFormat(8, 23, specials="ieee"):
-        code, emin, emax = 0, 0, 0
+        return True
+    if rule.rule != "nearest":
+        return False
+    return rule.format == _FP32 or (isinstance(rule.format, FloatFormat) and _kernel_float(rule.format))
+
+
+def row_absmax(X: torch.Tensor) -> torch.Tensor:
+    """Largest magnitude per row ([G] fp32), NaN for rows holding NaN or inf."""
+    amax = np.empty(X.shape[0], np.float32)
+    _k().row_absmax(X.contiguous().numpy(), amax)
+    return torch.from_numpy(amax)
+
+
+def absmax_scales(amax: torch.Tensor, spec, S: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block, scale)`` ([G] fp32 each) from row maxima; the spec must pass :func:`covers_absmax_scales`."""
+    rule, el = spec.scale, spec.format
+    fmt = rule.format
+    if rule.rule == "floor":
+        assert isinstance(fmt, ExponentFormat)
+        code, emin, emax, fp = 1, fmt.emin, fmt.emax, float_params(_FP32)
+    elif fmt == _FP32:
+        code, emin, emax, fp = 0, 0, 0, float_params(_FP32)
     else:
-        return None
-    G = X.shape[0]
-    Xr = X.contiguous()
-    if G < 64:
-        return None  # few long groups: the torch reduction is parallel enough
-    scale = np.empty(G, np.float32)
-    emax_elem = int(math.floor(math.log2(spec.format.max)))
-    _k().row_absmax_scale(Xr.numpy(), scale, code, np.float32(spec.format.max), emax_elem, emin, emax)
-    return torch.from_numpy(scale)
+        code, emin, emax, fp = 2, 0, 0, float_params(fmt)
+    one = np.float32(fmt.round(torch.ones(1)).item())
+    block = np.empty(amax.shape[0], np.float32)
+    scale = np.empty_like(block)
+    _k().scales_from_amax(amax.numpy(), block, scale, code, np.float32(el.max), int(math.floor(math.log2(el.max))),
+                          emin, emax, np.float32(1.0 if S is None else float(S)), fp, one,
+                          np.float32(fmt.min_subnormal))
+    return torch.from_numpy(block), torch.from_numpy(scale)
 
 
 def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.Tensor | None:
@@ -119,9 +148,9 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.T
     fmt = spec.format
     if not isinstance(fmt, (IntFormat, FloatFormat, GridFormat)) or not _usable(X, required):
         return None
-    if isinstance(fmt, FloatFormat) and fmt.emin < -126:  # normals below fp32's: reference only
+    if isinstance(fmt, FloatFormat) and not _kernel_float(fmt):
         if required:
-            raise RuntimeError(f"the numba kernels do not cover {fmt.name} (exponents below fp32's)")
+            raise RuntimeError(f"the numba kernels do not cover {fmt.name} (normals below fp32's)")
         return None
     G, n = X.shape
     zero = sc.zero if sc.zero is not None else torch.zeros_like(sc.scale)
@@ -134,16 +163,12 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.T
         kern = (k.qdq_int_rne, k.qdq_int_sr, k.qdq_int_rtz)[mode]
         kern(x_np, s_np, z.numpy(), o_np, float(fmt.qmin), float(fmt.qmax), seed)
     elif isinstance(fmt, FloatFormat):
-        m = fmt.mantissa_bits
-        flip = (fmt.bias + 1) & 1 if m == 0 else 0
-        sub_step = fmt.min_subnormal if fmt.subnormals else fmt.min_normal
-        max_bits = int(np.float32(fmt.max).view(np.uint32))
-        over = fmt.max if fmt.saturate else (math.inf if fmt.has_inf else math.nan)
-        over_bits = int(np.float32(over).view(np.uint32))
         kern = (k.qdq_float_rne, k.qdq_float_sr, k.qdq_float_rtz)[mode]
-        kern(x_np, s_np, o_np, m, np.uint32(flip), sub_step, fmt.min_normal,
-             np.uint32(max_bits), np.uint32(over_bits), np.uint32(0x80000000 if fmt.is_signed else 0), seed)
+        kern(x_np, s_np, o_np, float_params(fmt), seed)
     else:
         L = fmt.level_tensor().numpy()
-        k.qdq_grid(x_np, s_np, o_np, L, _padded_mids(L), mode, seed)
+        if mode == 0:
+            k.qdq_grid_rne(x_np, s_np, o_np, L, (L[:-1] + L[1:]) / 2)
+        else:
+            k.qdq_grid_directed(x_np, s_np, o_np, L, mode, seed)
     return out.view(G, n)

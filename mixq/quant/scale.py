@@ -32,8 +32,12 @@ def group_range(X: torch.Tensor, spec: QuantSpec, backend: str = "auto") -> tupl
     """The range ``(lo, hi)`` ([G] fp32 each) to be covered, before any clipping search.
 
     Symmetric: ``(-amax, amax)``. Asymmetric: ``(min(x, 0), max(x, 0))``. Percentile clipping
-    takes the percentile of magnitudes (of values, asymmetric). NaN anywhere in a group gives NaN.
+    takes the percentile of magnitudes (of values, asymmetric). NaN or inf anywhere in a group gives
+    NaN. Groups of no elements get the range (0, 0).
     """
+    if X.shape[1] == 0:
+        zero = X.new_zeros(X.shape[0])
+        return zero, zero.clone()
     clip = spec.scale.clip
     if isinstance(clip, PercentileClip) and X.shape[1] > 0:
         n = X.shape[1]
@@ -56,7 +60,7 @@ def group_range(X: torch.Tensor, spec: QuantSpec, backend: str = "auto") -> tupl
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    bad = torch.isnan(X).any(dim=1) if X.shape[1] else torch.zeros_like(lo, dtype=torch.bool)
+    bad = ~torch.isfinite(X).all(dim=1)  # a percentile can leave out an inf: the group is still NaN
     return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
 
 
