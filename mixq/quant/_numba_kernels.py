@@ -69,6 +69,18 @@ def round_mode(t, mode, i, seed):
 
 
 @njit(inline="always")
+def round_mode32(t, mode, i, seed):
+    """``round_mode`` for fp32 ``t`` (the stochastic comparison still in float64, as the reference)."""
+    if mode == 0:
+        return np.rint(t)
+    if mode == 2:
+        return np.trunc(t)
+    f = np.floor(t)
+    u = np.float64(hash32(i, seed) >> np.uint64(8)) * 2.0**-24
+    return f + (np.float32(1.0) if (1.0 - np.float64(t - f)) <= u else np.float32(0.0))
+
+
+@njit(inline="always")
 def round_minifloat(y, fp, mode, i, seed):
     """fp32 ``y`` rounded onto a minifloat: normals on the bit pattern, the rest in float64."""
     m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask = fp
@@ -90,10 +102,14 @@ def round_minifloat(y, fp, mode, i, seed):
     rb = a if a > INF else rb  # NaN stays NaN
     neg_dropped = ((b & SIGN) != 0) & (sign_mask == 0) & (a <= INF)  # unsigned: negatives -> 0
     qn = bits_f32(np.uint32(0) if neg_dropped else (b & sign_mask) | rb)
-    ay = np.float64(abs(y))
-    q = np.float32(round_mode(ay * (1.0 / sub_step), mode, i, seed) * sub_step)
+    ay = abs(y)
+    if sub_step >= 2.0**-126:  # t = |y| / sub_step is exact in fp32 (a power-of-two scaling)
+        t = ay * np.float32(1.0 / sub_step)
+        q = np.float32(round_mode32(t, mode, i, seed) * np.float32(sub_step))
+    else:
+        q = np.float32(round_mode(np.float64(ay) * (1.0 / sub_step), mode, i, seed) * sub_step)
     q = (-q if y < 0 else q) if sign_mask != 0 else (np.float32(0.0) if y < 0 else q)
-    return q if ay < min_normal else qn
+    return q if np.float64(ay) < min_normal else qn
 
 
 @njit(parallel=True, cache=True)
@@ -209,28 +225,26 @@ def qdq_float_rtz(X, s, out, fp, seed):
 
 
 @njit(parallel=True, cache=True)
-def qdq_grid_rne(X, s, out, L, mids):
-    """Nearest level; ``k`` counts the midpoints below ``y`` (ties go to the even index)."""
+def qdq_grid_rne(X, s, out, L32, thr):
+    """Nearest level: the index is the number of fp32 thresholds below ``y`` (``kernels.grid_thresholds``)."""
     R, n = X.shape
-    nm = mids.shape[0]
+    nt = thr.shape[0]
     chunks = min(R, 256)
     for c in prange(chunks):
-        k = np.empty(n, np.int32)
-        y = np.empty(n, np.float64)
+        k = np.empty(n, np.float32)
+        y = np.empty(n, np.float32)
         for r in range(c * R // chunks, (c + 1) * R // chunks):
             sc = s[r]
             for j in range(n):
-                y[j] = np.float64(X[r, j] / sc)
+                y[j] = X[r, j] / sc
                 k[j] = 0
-            for i in range(nm):
-                mi = mids[i]
+            for i in range(nt):
+                t = thr[i]
                 for j in range(n):
-                    k[j] += mi < y[j]
+                    k[j] += np.float32(1.0) if y[j] > t else np.float32(0.0)
             for j in range(n):
-                kk = k[j]
-                kk += 1 if (kk < nm and mids[min(kk, nm - 1)] == y[j] and kk % 2 == 1) else 0
-                v = np.float32(L[kk]) * sc
-                out[r, j] = v if y[j] == y[j] else np.float32(np.nan)
+                v = L32[np.int32(k[j])] * sc
+                out[r, j] = v if y[j] == y[j] else y[j]
 
 
 @njit(parallel=True, cache=True)

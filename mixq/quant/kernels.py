@@ -85,6 +85,22 @@ def _rows(X: torch.Tensor, *per_group: torch.Tensor) -> tuple[torch.Tensor, ...]
     return (X, *per_group)
 
 
+def grid_thresholds(L: np.ndarray) -> np.ndarray:
+    """fp32 thresholds ``t_i`` with ``#{i: y > t_i}`` = the nearest level's index for every fp32 ``y``.
+
+    ``L``: sorted levels (float64 holding fp32 values). The midpoint ``m_i`` of levels i and i+1 is
+    exact in float64; for fp32 ``y``, ``y > m_i`` is ``y > t_i`` with ``t_i`` the largest fp32 below
+    ``m_i`` (or ``m_i`` itself when it is an fp32, where a tie ``y == m_i`` goes to the even index).
+    """
+    mids = (L[:-1] + L[1:]) / 2
+    m32 = mids.astype(np.float32)
+    down = np.nextafter(m32, np.float32(-np.inf))
+    exact = m32.astype(np.float64) == mids
+    tie_up = (np.arange(1, mids.size + 1) % 2) == 0  # the upper neighbour i+1 has the even index
+    below = np.where(m32.astype(np.float64) > mids, down, m32)
+    return np.where(exact & tie_up, down, np.where(exact, m32, below)).astype(np.float32)
+
+
 def row_minmax(X: torch.Tensor, required: bool = False):
     """``(lo, hi, has_nan)`` per row of ``X`` ([G, n] fp32), or None where the kernels do not apply."""
     if X.shape[1] == 0 or not _usable(X, required):
@@ -168,7 +184,7 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.T
     else:
         L = fmt.level_tensor().numpy()
         if mode == 0:
-            k.qdq_grid_rne(x_np, s_np, o_np, L, (L[:-1] + L[1:]) / 2)
+            k.qdq_grid_rne(x_np, s_np, o_np, L.astype(np.float32), grid_thresholds(L))
         else:
             k.qdq_grid_directed(x_np, s_np, o_np, L, mode, seed)
     return out.view(G, n)
