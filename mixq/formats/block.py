@@ -84,7 +84,7 @@ def block_presets() -> dict[str, BlockFormat]:
         "mxfp6_e3m2": FloatFormat(3, 2, specials="none"),
         "mxfp6_e2m3": FloatFormat(2, 3, specials="none"),
         "mxfp4": FloatFormat(2, 1, specials="none"),
-        "mxint8": IntFormat(8, narrow=True),
+        "mxint8": IntFormat(8, narrow=True, fraction_bits=6),  # OCP: values k/64, emax 0
     }
     out = {name: BlockFormat(el, e8m0, (32,), None, "floor", name) for name, el in mx.items()}
     out["nvfp4"] = BlockFormat(FloatFormat(2, 1, specials="none"), e4m3, (16,), fp32, "nearest", "nvfp4")

@@ -24,7 +24,7 @@ _FLOAT = re.compile(
     r"^(?:fp(?P<width>\d+)_)?(?P<u>u)?e(?P<e>\d)m(?P<m>\d+)(?:b(?P<bias>-?\d+))?(?P<tag>fnuz|fn)?"
     r"(?P<suffixes>(?:_(?:ieee|fn|fnuz|none|nosub|nosat))*)$"
 )
-_INT = re.compile(r"^(?P<u>u)?int(?P<bits>\d+)(?P<narrow>n)?$")
+_INT = re.compile(r"^(?P<u>u)?int(?P<bits>\d+)(?P<narrow>n)?(?:f(?P<frac>\d+))?$")
 _POW = re.compile(r"^pow(?P<bits>\d+)_(?P<p>[0-9.]+)$")
 _GRID = re.compile(r"^grid\((?P<levels>[^()]*)\)$")
 _E8M0 = re.compile(r"^e(?P<e>\d)m0u(?:b(?P<bias>-?\d+))?(?P<nosat>_nosat)?$|^e8m0(?P<nosat8>_nosat)?$")
@@ -111,7 +111,8 @@ def get(name: str) -> Format:
     if key in blocks:
         return blocks[key]
     if m := _INT.match(key):
-        return IntFormat(int(m["bits"]), is_signed=not m["u"], narrow=bool(m["narrow"]))
+        return IntFormat(int(m["bits"]), is_signed=not m["u"], narrow=bool(m["narrow"]),
+                         fraction_bits=int(m["frac"] or 0))
     if m := _E8M0.match(key):
         return _parse_exponent(m)
     if m := _FLOAT.match(key):

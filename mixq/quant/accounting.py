@@ -1,8 +1,8 @@
 """Bits are counted honestly: the one accounting function of mixq.
 
 Every figure of bits per value in mixq (search, reports, export) comes from :func:`bit_count`:
-element bits, plus every block scale, zero point and tensor scale. Zero points are stored in the
-element's width. mixq never pads, so there are no padding bits to count.
+element bits, plus every block scale, zero point and tensor scale. Integer zero points are stored
+in the element's width; float offsets (``asymf``) in the scale format. mixq never pads, so there are no padding bits to count.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def bit_count(spec: QuantSpec | ScalarFormat | BlockFormat | str, shape: tuple[i
         numel=numel,
         elements=numel * spec.format.bits,
         scales=groups * s.format.bits,
-        zero_points=groups * spec.format.bits if s.asymmetric else 0.0,
+        zero_points=groups * (s.format.bits if s.offset else spec.format.bits) if s.asymmetric else 0.0,
         tensor_scale=s.tensor_scale.bits if s.tensor_scale is not None else 0.0,
     )
 

@@ -37,16 +37,23 @@ def element_values(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int)
     """Element values ``q`` ([G, n] fp32; asymmetric: the integers ``r``) of groups ``X`` ([G, n] fp32)."""
     y = X / sc.scale[:, None]
     u = noise.uniform(tuple(X.shape), seed, X.device) if spec.rounding is Rounding.STOCHASTIC else None
-    if sc.zero is None:
+    if sc.zero is None and sc.offset is None:
         return spec.format.round(y, spec.rounding, u)
     fmt = spec.format
     assert isinstance(fmt, IntFormat)
-    r = round_integers(y.double(), spec.rounding, u) + sc.zero[:, None].double()
+    if sc.offset is not None:  # r = qmin + round((x - m) / s)
+        y = (X - sc.offset[:, None]) / sc.scale[:, None]
+        r = round_integers(y.double(), spec.rounding, u) + fmt.qmin
+    else:
+        r = round_integers(y.double(), spec.rounding, u) + sc.zero[:, None].double()
     return r.clamp(fmt.qmin, fmt.qmax).float()
 
 
-def decode_groups(q: torch.Tensor, sc: GroupScales) -> torch.Tensor:
+def decode_groups(q: torch.Tensor, sc: GroupScales, spec: QuantSpec) -> torch.Tensor:
     """Fake-quantized groups ([G, n] fp32) from element values ``q`` and scales."""
+    if sc.offset is not None:
+        qmin = spec.format.qmin  # type: ignore[attr-defined]  (offsets need integer elements)
+        return (q - qmin) * sc.scale[:, None] + sc.offset[:, None]
     if sc.zero is None:
         return q * sc.scale[:, None]
     return (q - sc.zero[:, None]) * sc.scale[:, None]
@@ -58,18 +65,18 @@ def qdq_groups(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int, bac
         out = kernels.qdq(X, sc, spec, seed, required=backend == "numba")
         if out is not None:
             return out
-    return decode_groups(element_values(X, sc, spec, seed), sc)
+    return decode_groups(element_values(X, sc, spec, seed), sc, spec)
 
 
 def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> GroupScales:
     """Scales for groups ``X`` ([G, n] fp32) by the spec's scale rule, including clip search."""
     if backend != "torch" and kernels.covers_absmax_scales(X, spec):
         amax = kernels.row_absmax(X)
-        S = tensor_scale(amax.max(), spec)
+        S = tensor_scale(amax, spec)
         block, scale = kernels.absmax_scales(amax, spec, S)
         return GroupScales(scale, block, None, S)
     lo, hi = group_range(X, spec, backend)
-    S = tensor_scale(torch.maximum(-lo, hi).max() if lo.numel() else torch.zeros(()), spec)
+    S = tensor_scale(torch.maximum(-lo, hi), spec)
     best = scales_for_range(lo, hi, spec, S)
     clip = spec.scale.clip
     if not isinstance(clip, MSEClip) or X.numel() == 0:
@@ -85,6 +92,7 @@ def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> 
             torch.where(better, cand.block, best.block),
             None if best.zero is None else torch.where(better, cand.zero, best.zero),
             S,
+            None if best.offset is None else torch.where(better, cand.offset, best.offset),
         )
     return best
 
@@ -117,6 +125,7 @@ class QuantizedTensor:
     ``scale_codes``: int32 ``[G]`` the same scales as codes of the scale format.
     ``zero_points``: fp32 ``[G]`` integer zero points (asymmetric) or None.
     ``tensor_scale``: fp32 0-d second-level scale or None.
+    ``offsets``: fp32 ``[G]`` float minima (``asymf``, values of the scale format) or None.
     """
 
     codes: torch.Tensor
@@ -127,6 +136,7 @@ class QuantizedTensor:
     spec: QuantSpec
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offsets: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self)
@@ -141,7 +151,10 @@ def quantize(x: torch.Tensor, spec: QuantSpec | str, *, generator: torch.Generat
     X = grouping.to_groups(x.float())
     sc = choose_scales(X, spec, seed, "auto")
     q = element_values(X, sc, spec, seed)
-    codes = spec.format.encode(q)  # asymmetric: q holds the integers r of the element's range
+    # A group with a NaN scale decodes to NaN whatever its elements: store code 0 for them.
+    bad = ~torch.isfinite(sc.scale)[:, None].expand_as(q)
+    code0 = spec.format.decode(torch.zeros(1, dtype=torch.int32))
+    codes = spec.format.encode(torch.where(bad, code0, q))  # asymmetric: q holds the integers r
     return QuantizedTensor(
         codes=grouping.from_groups(codes).contiguous(),
         scales=sc.block,
@@ -151,6 +164,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec | str, *, generator: torch.Generat
         spec=spec,
         shape=tuple(x.shape),
         dtype=x.dtype,
+        offsets=sc.offset,
     )
 
 
@@ -159,5 +173,5 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     grouping = Grouping(qt.shape, qt.spec.granularity)
     q = grouping.to_groups(qt.spec.format.decode(qt.codes))
     scale = qt.scales * qt.tensor_scale if qt.tensor_scale is not None else qt.scales
-    sc = GroupScales(scale, qt.scales, qt.zero_points, qt.tensor_scale)
-    return grouping.from_groups(decode_groups(q, sc)).to(qt.dtype)
+    sc = GroupScales(scale, qt.scales, qt.zero_points, qt.tensor_scale, qt.offsets)
+    return grouping.from_groups(decode_groups(q, sc, qt.spec)).to(qt.dtype)

@@ -168,6 +168,10 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.T
         if required:
             raise RuntimeError(f"the numba kernels do not cover {fmt.name} (normals below fp32's)")
         return None
+    if sc.offset is not None:  # float offsets (asymf): reference only
+        if required:
+            raise RuntimeError("the numba kernels do not cover float offsets (asymf)")
+        return None
     G, n = X.shape
     zero = sc.zero if sc.zero is not None else torch.zeros_like(sc.scale)
     Xr, s, z = _rows(X.contiguous(), sc.scale.contiguous(), zero.contiguous())
@@ -177,6 +181,8 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.T
     k = _k()
     if isinstance(fmt, IntFormat):
         kern = (k.qdq_int_rne, k.qdq_int_sr, k.qdq_int_rtz)[mode]
+        if fmt.fraction_bits:  # k / 2**f at scale s is the integer k at scale s / 2**f (exact)
+            s_np = (s * fmt.unit).numpy()
         kern(x_np, s_np, z.numpy(), o_np, float(fmt.qmin), float(fmt.qmax), seed)
     elif isinstance(fmt, FloatFormat):
         kern = (k.qdq_float_rne, k.qdq_float_sr, k.qdq_float_rtz)[mode]

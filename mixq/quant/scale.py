@@ -20,18 +20,21 @@ from mixq.quant.spec import PercentileClip, QuantSpec
 
 @dataclass(frozen=True)
 class GroupScales:
-    """Per-group scales: ``scale`` = ``block * tensor`` ([G] fp32), ``zero`` ([G] fp32 integers) or None."""
+    """Per-group scales: ``scale`` = ``block * tensor`` ([G] fp32), ``zero`` ([G] fp32 integers) or
+    None, ``offset`` ([G] fp32 float minima of ``asymf``) or None."""
 
     scale: torch.Tensor
     block: torch.Tensor
     zero: torch.Tensor | None
     tensor: torch.Tensor | None
+    offset: torch.Tensor | None = None
 
 
 def group_range(X: torch.Tensor, spec: QuantSpec, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The range ``(lo, hi)`` ([G] fp32 each) to be covered, before any clipping search.
 
-    Symmetric: ``(-amax, amax)``. Asymmetric: ``(min(x, 0), max(x, 0))``. Percentile clipping
+    Symmetric: ``(-amax, amax)``. Asymmetric: ``(min(x, 0), max(x, 0))``; with a float offset
+    (``asymf``): ``(min(x), max(x))``. Percentile clipping
     takes the percentile of magnitudes (of values, asymmetric). NaN or inf anywhere in a group gives
     NaN. Groups of no elements get the range (0, 0).
     """
@@ -57,18 +60,27 @@ def group_range(X: torch.Tensor, spec: QuantSpec, backend: str = "auto") -> tupl
         if not spec.scale.asymmetric:
             hi = torch.maximum(-lo, hi)
             lo = -hi
-        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        if not spec.scale.offset:  # an integer zero point keeps 0 exact: the range must hold it
+            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
-    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    if not spec.scale.offset:
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     bad = ~torch.isfinite(X).all(dim=1)  # a percentile can leave out an inf: the group is still NaN
     return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
 
 
-def tensor_scale(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
-    """Second-level scale ``S = amax / (element.max * scale_format.max)`` (0-d fp32), or None."""
+def tensor_scale(group_amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+    """Second-level scale ``S = amax / (element.max * scale_format.max)`` (0-d fp32), or None.
+
+    ``group_amax`` ([G] fp32) holds each group's largest magnitude, NaN for non-finite groups;
+    ``amax`` is taken over the finite groups only, so one bad group stays a NaN group and does not
+    spoil the scale of the others.
+    """
     ts = spec.scale.tensor_scale
     if ts is None:
         return None
+    finite = group_amax[torch.isfinite(group_amax)]
+    amax = finite.max() if finite.numel() else torch.zeros(())
     S = (amax.float() / (spec.format.max * spec.scale.format.max))
     S = torch.where(S == 0, torch.ones_like(S), S)
     return ts.round(S.reshape(1)).reshape(())
@@ -116,6 +128,8 @@ def scales_for_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
     block = torch.where(degenerate, torch.full_like(block, one), block)
     block = torch.where(finite, block, torch.full_like(block, torch.nan))
     scale = block * S if S is not None else block
+    if rule.offset:
+        return GroupScales(scale, block, None, S, rule.format.round(lo))
     zero = None
     if rule.asymmetric:
         zero = (fmt.qmin - torch.round(lo / scale)).clamp(fmt.qmin, fmt.qmax)

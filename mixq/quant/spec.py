@@ -6,7 +6,8 @@ String grammar: ``FORMAT[:TOKEN]...`` where FORMAT is any name of :func:`mixq.fo
 ============================  =====================================================================
 granularity                   ``tensor`` (default), ``channel``, ``channel@1``, ``token``, ``g64``,
                               ``g64@0``, ``b16x16``
-symmetry                      ``sym`` (default), ``asym`` (integer elements: min-max + zero point)
+symmetry                      ``sym`` (default), ``asym`` (integer elements: min-max + zero point),
+                              ``asymf`` (min-max with a float minimum in the scale format, GGUF Q4_1)
 clipping                      ``absmax`` (default), ``mse`` (per-group MSE-optimal clip search),
                               ``p99.9`` (percentile of magnitudes)
 scale format                  any scalar format name: ``fp32`` (default), ``fp16``, ``bf16``,
@@ -54,6 +55,10 @@ class MSEClip:
     steps: int = 32
     min_ratio: float = 0.3
 
+    def __post_init__(self) -> None:
+        if self.steps < 2 or not 0 < self.min_ratio < 1:
+            raise SpecError(f"mse clipping needs steps >= 2 and 0 < min_ratio < 1, got {self.steps}, {self.min_ratio}")
+
     def token(self) -> str:
         return "mse" if (self.steps, self.min_ratio) == (32, 0.3) else f"mse{self.steps}_{self.min_ratio:g}"
 
@@ -81,11 +86,14 @@ class ScaleRule:
 
     ``format`` stores the (block) scale; ``rule`` brings the ideal scale into it (``floor``: OCP MX
     ``2**(floor(log2 amax) - emax_elem)``, power-of-two formats only; ``ceil``: smallest scale that
-    does not clip; ``nearest``: round to nearest). ``tensor_scale``, if set, is a second-level
+    does not clip; ``nearest``: round to nearest). Asymmetric ranges use an integer zero point, or
+    with ``offset`` a float minimum stored in the scale format (``x = (q - qmin) * s + m``, the GGUF
+    Q4_1 layout). ``tensor_scale``, if set, is a second-level
     scale ``amax(x) / (element.max * format.max)`` stored in that format (fp32 for NVFP4).
     """
 
     asymmetric: bool = False
+    offset: bool = False
     clip: Clip = field(default_factory=AbsMaxClip)
     format: ScalarFormat = FP32
     rule: str = ""
@@ -100,6 +108,12 @@ class ScaleRule:
             raise SpecError(f"the floor (OCP MX) scale rule needs a power-of-two scale format, got {self.format.name}")
         if not isinstance(self.format, (FloatFormat, IntFormat, ExponentFormat)):
             raise SpecError(f"{self.format.name} cannot store scales: use a float, integer or e8m0 format")
+        if self.tensor_scale is not None and not isinstance(self.tensor_scale, (FloatFormat, ExponentFormat)):
+            raise SpecError(f"a tensor scale is stored as a float or e8m0, got {self.tensor_scale.name}")
+        if self.offset and not self.asymmetric:
+            raise SpecError("a float offset is a kind of asymmetric range: set asymmetric too ('asymf')")
+        if self.offset and not self.format.signed:
+            raise SpecError(f"a float offset (asymf) is stored in the scale format, which must be signed; got {self.format.name}")
         if self.asymmetric and self.rule == "floor":
             raise SpecError("asymmetric ranges need a scale rule other than floor (use :nearest or :ceil)")
 
@@ -124,6 +138,8 @@ class QuantSpec:
             raise SpecError(f"{self.format.name} is a scale format; it cannot hold elements")
         if self.scale.asymmetric and not isinstance(self.format, IntFormat):
             raise SpecError(f"asymmetric (zero-point) quantization needs an integer element, got {self.format.name}")
+        if self.scale.asymmetric and self.format.fraction_bits:
+            raise SpecError(f"asymmetric ranges need a plain integer element, not fixed point {self.format.name}")
         if self.rounding not in Rounding.__members__.values():
             raise SpecError(f"unknown rounding {self.rounding!r}")
 
@@ -148,7 +164,7 @@ class QuantSpec:
             raise SpecError(f"empty spec {text!r}; expected e.g. 'int4:g64' or 'mxfp4'")
         base = QuantSpec.from_format(parts[0])
         fields: dict = {"granularity": base.granularity, "rounding": base.rounding}
-        rule = {"asymmetric": False, "clip": base.scale.clip, "format": base.scale.format,
+        rule = {"asymmetric": False, "offset": False, "clip": base.scale.clip, "format": base.scale.format,
                 "rule": "",
                 "tensor_scale": base.scale.tensor_scale}
         for tok in parts[1:]:
@@ -169,7 +185,7 @@ class QuantSpec:
         if not isinstance(self.granularity, PerTensor):
             toks.append(self.granularity.token())
         if s.asymmetric:
-            toks.append("asym")
+            toks.append("asymf" if s.offset else "asym")
         if not isinstance(s.clip, AbsMaxClip):
             toks.append(s.clip.token())
         if s.format != FP32:
@@ -191,7 +207,7 @@ _CHANNEL = re.compile(r"^channel(?:@(-?\d+))?$")
 _BLOCK = re.compile(r"^b(\d+)x(\d+)$")
 _MSE = re.compile(r"^mse(?:(\d+)_([0-9.]+))?$")
 _PCT = re.compile(r"^p(\d+(?:\.\d+)?)$")
-_KNOWN = ["tensor", "channel", "token", "g64", "b16x16", "sym", "asym", "absmax", "mse", "p99.9",
+_KNOWN = ["tensor", "channel", "token", "g64", "b16x16", "sym", "asym", "asymf", "absmax", "mse", "p99.9",
           "floor", "ceil", "nearest", "ts", "rne", "sr", "rtz", "e8m0", "fp16", "bf16", "fp8_e4m3"]
 
 
@@ -207,8 +223,8 @@ def _apply_token(tok: str, text: str, fields: dict, rule: dict) -> None:
         fields["granularity"] = _granularity(PerGroup, tok, text, int(m[1]), int(m[2]) if m[2] else -1)
     elif m := _BLOCK.match(tok):
         fields["granularity"] = _granularity(PerBlock, tok, text, int(m[1]), int(m[2]))
-    elif tok in ("sym", "asym"):
-        rule["asymmetric"] = tok == "asym"
+    elif tok in ("sym", "asym", "asymf"):
+        rule["asymmetric"], rule["offset"] = tok != "sym", tok == "asymf"
     elif tok == "absmax":
         rule["clip"] = AbsMaxClip()
     elif m := _MSE.match(tok):
