@@ -82,34 +82,29 @@ def round_mode32(t, mode, i, seed):
 
 @njit(inline="always")
 def round_minifloat(y, fp, mode, i, seed):
-    """fp32 ``y`` rounded onto a minifloat: normals on the bit pattern, the rest in float64."""
-    m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask = fp
+    """fp32 ``y`` rounded onto a minifloat: on the bit pattern of ``|y|``, except below ``small``
+    (the smallest normal where it is an fp32 normal), where ``rint(|y| / sub) * sub`` is exact in fp32.
+    """
+    shift, mask, half, parity, flip, sr_shift, inv_sub, sub, small, max_bits, over_bits, sign_mask = fp
     b = f32_bits(y)
     a = b & ABS
-    if m == 23:
-        add = np.uint32(0)
-        mask = np.uint32(0xFFFFFFFF)
+    if mode == 0:
+        add = half + (((a >> shift) ^ flip) & parity)
+    elif mode == 1:
+        add = np.uint32(hash32(i, seed) >> sr_shift)
     else:
-        mask = np.uint32((0xFFFFFFFF << (23 - m)) & 0xFFFFFFFF)
-        if mode == 0:
-            add = np.uint32((1 << (22 - m)) - 1) + (((a >> np.uint32(23 - m)) ^ flip) & np.uint32(1))
-        elif mode == 1:
-            add = np.uint32(hash32(i, seed) >> np.uint64(9 + m))
-        else:
-            add = np.uint32(0)
+        add = np.uint32(0)
     rb = (a + add) & mask
     rb = over_bits if rb > max_bits else rb
     rb = a if a > INF else rb  # NaN stays NaN
-    neg_dropped = ((b & SIGN) != 0) & (sign_mask == 0) & (a <= INF)  # unsigned: negatives -> 0
-    qn = bits_f32(np.uint32(0) if neg_dropped else (b & sign_mask) | rb)
+    negative = (b & SIGN) != 0
+    qn = bits_f32((b & sign_mask) | rb)
+    if sign_mask == 0:  # unsigned: negatives (not NaN) go to 0
+        qn = np.float32(0.0) if negative and a <= INF else qn
     ay = abs(y)
-    if sub_step >= 2.0**-126:  # t = |y| / sub_step is exact in fp32 (a power-of-two scaling)
-        t = ay * np.float32(1.0 / sub_step)
-        q = np.float32(round_mode32(t, mode, i, seed) * np.float32(sub_step))
-    else:
-        q = np.float32(round_mode(np.float64(ay) * (1.0 / sub_step), mode, i, seed) * sub_step)
-    q = (-q if y < 0 else q) if sign_mask != 0 else (np.float32(0.0) if y < 0 else q)
-    return q if np.float64(ay) < min_normal else qn
+    q = round_mode32(ay * inv_sub, mode, i, seed) * sub
+    q = (-q if negative else q) if sign_mask != 0 else (np.float32(0.0) if negative else q)
+    return q if ay < small else qn
 
 
 @njit(parallel=True, cache=True)
@@ -157,8 +152,12 @@ def scales_from_amax(amax, block, scale, rule, element_max, emax_elem, emin, ema
         elif rule == 0:
             b = ideal
         elif rule == 1:
-            k = min(max(math.frexp(np.float64(a))[1] - 1 - emax_elem, emin), emax)
-            b = np.float32(math.ldexp(1.0, k))
+            ab = f32_bits(a)
+            e = np.int64(ab >> np.uint32(23)) - 127  # floor(log2 a) for normal a
+            if e == -127:  # an fp32 subnormal
+                e = math.frexp(np.float64(a))[1] - 1
+            k = min(max(e - emax_elem, emin), emax)
+            b = bits_f32(np.uint32((k + 127) << 23) if k >= -126 else np.uint32(1 << (k + 149)))
         else:
             b = round_minifloat(ideal, fp, 0, 0, 0)
             b = b if b > 0 else min_sub

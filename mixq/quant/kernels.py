@@ -55,18 +55,37 @@ def _usable(X: torch.Tensor, required: bool) -> bool:
 
 
 def _kernel_float(fmt: FloatFormat) -> bool:
-    return fmt.emin >= -126  # normals below fp32's smallest normal: reference only
+    """Whether the bit-pattern kernel is exact for ``fmt``.
+
+    With ``emin == -126`` the format's subnormals are fp32's, whose bit patterns are linear, so the
+    normal-range bit rounding is exact for them too (without subnormals it is not). With a larger
+    ``emin`` the range below the smallest normal is done in fp32, exact while ``1/sub_step`` is
+    an fp32. Anything else runs on the reference.
+    """
+    sub = fmt.min_subnormal if fmt.subnormals else fmt.min_normal
+    if fmt.emin == -126:
+        return fmt.subnormals
+    return fmt.emin > -126 and 1.0 / sub <= 2.0**127
 
 
 def float_params(fmt: FloatFormat) -> tuple:
-    """The minifloat parameters the kernels take: ``(m, flip, sub_step, min_normal, max_bits, over_bits, sign_mask)``."""
+    """The loop-invariant constants of ``round_minifloat`` for ``fmt`` (see the kernel)."""
     m = fmt.mantissa_bits
     over = fmt.max if fmt.saturate else (math.inf if fmt.has_inf else math.nan)
+    sub = fmt.min_subnormal if fmt.subnormals else fmt.min_normal
+    small = 0.0 if fmt.emin == -126 else fmt.min_normal  # emin -126: all on the bit pattern
+    if small == 0.0:
+        sub = 1.0  # the fp32 path is never taken
     return (
-        m,
-        np.uint32((fmt.bias + 1) & 1 if m == 0 else 0),  # parity of the exponent field, for m = 0 ties
-        float(fmt.min_subnormal if fmt.subnormals else fmt.min_normal),
-        float(fmt.min_normal),
+        np.uint32(23 - m),  # shift: mantissa bits dropped
+        np.uint32((0xFFFFFFFF << (23 - m)) & 0xFFFFFFFF),  # mask
+        np.uint32((1 << (22 - m)) - 1 if m < 23 else 0),  # half: just under half an ulp
+        np.uint32(1 if m < 23 else 0),  # parity: the kept last bit breaks ties (none for fp32)
+        np.uint32((fmt.bias + 1) & 1 if m == 0 else 0),  # flip: m = 0 ties by exponent-field parity
+        np.uint64(9 + m),  # sr_shift: the top 23 - m bits of the 32-bit hash
+        np.float32(1.0 / sub),
+        np.float32(sub),
+        np.float32(small),
         np.uint32(np.float32(fmt.max).view(np.uint32)),
         np.uint32(np.float32(over).view(np.uint32)),
         np.uint32(0x80000000 if fmt.is_signed else 0),
@@ -118,12 +137,13 @@ def row_minmax(X: torch.Tensor, required: bool = False):
     return lo_t, hi_t, bad_t
 
 
-def covers_absmax_scales(X: torch.Tensor, spec) -> bool:
-    """Whether :func:`row_absmax` + :func:`absmax_scales` implement ``spec``'s scale rule."""
+def covers_absmax_scales(X: torch.Tensor, spec, required: bool = False) -> bool:
+    """Whether :func:`row_absmax` + :func:`absmax_scales` implement ``spec``'s scale rule
+    (``required``: the caller asked for the kernels, whatever the size of ``X``)."""
     rule = spec.scale
     if rule.asymmetric or type(rule.clip).__name__ != "AbsMaxClip" or X.shape[1] == 0 or X.shape[0] < 64:
         return False
-    if not _usable(X, False):
+    if not _usable(X, required):
         return False
     if rule.rule == "floor":
         return True
@@ -148,6 +168,8 @@ def absmax_scales(amax: torch.Tensor, spec, S: torch.Tensor | None) -> tuple[tor
         code, emin, emax, fp = 1, fmt.emin, fmt.emax, float_params(_FP32)
     elif fmt == _FP32:
         code, emin, emax, fp = 0, 0, 0, float_params(_FP32)
+    elif not _kernel_float(fmt):
+        raise ValueError(f"no kernel for scale format {fmt.name}")
     else:
         code, emin, emax, fp = 2, 0, 0, float_params(fmt)
     one = np.float32(fmt.round(torch.ones(1)).item())
@@ -166,7 +188,7 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.T
         return None
     if isinstance(fmt, FloatFormat) and not _kernel_float(fmt):
         if required:
-            raise RuntimeError(f"the numba kernels do not cover {fmt.name} (normals below fp32's)")
+            raise RuntimeError(f"the numba kernels do not cover {fmt.name} (its range reaches fp32's limits)")
         return None
     if sc.offset is not None:  # float offsets (asymf): reference only
         if required:
