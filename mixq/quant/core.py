@@ -59,13 +59,18 @@ def decode_groups(q: torch.Tensor, sc: GroupScales, spec: QuantSpec) -> torch.Te
     return (q - sc.zero[:, None]) * sc.scale[:, None]
 
 
-def qdq_groups(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int, backend: str) -> torch.Tensor:
-    """Quantize-dequantize groups ``X`` ([G, n] fp32) with fixed scales; ``backend`` auto|torch|numba."""
+def qdq_groups(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int, backend: str,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize groups ``X`` ([G, n] fp32) with fixed scales; ``backend`` auto|torch|numba.
+
+    ``out``, if given, is a contiguous ``[G, n]`` fp32 tensor that receives the result (and is returned).
+    """
     if backend != "torch":
-        out = kernels.qdq(X, sc, spec, seed, required=backend == "numba")
-        if out is not None:
-            return out
-    return decode_groups(element_values(X, sc, spec, seed), sc, spec)
+        done = kernels.qdq(X, sc, spec, seed, required=backend == "numba", out=out)
+        if done is not None:
+            return done
+    Y = decode_groups(element_values(X, sc, spec, seed), sc, spec)
+    return Y if out is None else out.copy_(Y)
 
 
 def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> GroupScales:
@@ -98,22 +103,35 @@ def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> 
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec | str, *, generator: torch.Generator | None = None,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize and dequantize ``x`` (any float dtype and shape); returns the same dtype and shape.
 
     Computation is in fp32. ``generator`` seeds stochastic rounding (torch's default generator when
     None). ``backend``: ``auto`` uses the compiled CPU kernels for large tensors when numba is
     installed, ``torch`` forces the reference, ``numba`` requires the kernels; all are bit-identical.
+    ``out``: an optional preallocated result of the shape and dtype of ``x`` (reused buffers avoid
+    the cost of fresh memory in loops over many specs); it is returned.
     """
     _check_input(x)
     spec = _as_spec(spec)
     grouping = Grouping(tuple(x.shape), spec.granularity)  # validates the shape before any work
     if x.numel() == 0:
         return x.clone()
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"out must match x: shape {tuple(x.shape)}, {x.dtype} on {x.device}; got shape "
+                         f"{tuple(out.shape)}, {out.dtype} on {out.device}")
     seed = noise.draw_seed(generator) if spec.rounding is Rounding.STOCHASTIC else 0
     X = grouping.to_groups(x.float())
     sc = choose_scales(X, spec, seed, backend)
-    return grouping.from_groups(qdq_groups(X, sc, spec, seed, backend)).to(x.dtype)
+    direct = out is not None and out.dtype == torch.float32 and out.is_contiguous() and x.is_contiguous()
+    if direct:
+        out_groups = grouping.to_groups(out)
+        direct = out_groups.data_ptr() == out.data_ptr() and out_groups.is_contiguous()  # a view of out
+    if direct:
+        qdq_groups(X, sc, spec, seed, backend, out=out_groups)
+        return out
+    y = grouping.from_groups(qdq_groups(X, sc, spec, seed, backend)).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 @dataclass(frozen=True)

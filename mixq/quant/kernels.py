@@ -181,8 +181,10 @@ def absmax_scales(amax: torch.Tensor, spec, S: torch.Tensor | None) -> tuple[tor
     return torch.from_numpy(block), torch.from_numpy(scale)
 
 
-def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.Tensor | None:
-    """Quantize-dequantize groups ``X`` ([G, n] fp32) with scales ``sc``; None if not applicable."""
+def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False,
+        out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Quantize-dequantize groups ``X`` ([G, n] fp32) with scales ``sc`` into ``out`` (a contiguous
+    ``[G, n]`` fp32 tensor, allocated when None); None if the kernels do not apply."""
     fmt = spec.format
     if not isinstance(fmt, (IntFormat, FloatFormat, GridFormat)) or not _usable(X, required):
         return None
@@ -197,8 +199,9 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.T
     G, n = X.shape
     zero = sc.zero if sc.zero is not None else torch.zeros_like(sc.scale)
     Xr, s, z = _rows(X.contiguous(), sc.scale.contiguous(), zero.contiguous())
-    out = torch.empty_like(Xr)
-    x_np, s_np, o_np = Xr.numpy(), s.numpy(), out.numpy()
+    result = torch.empty_like(X) if out is None else out
+    o_np = result.view(Xr.shape).numpy()
+    x_np, s_np = Xr.numpy(), s.numpy()
     mode = _MODES[spec.rounding]
     k = _k()
     if isinstance(fmt, IntFormat):
@@ -215,4 +218,4 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False) -> torch.T
             k.qdq_grid_rne(x_np, s_np, o_np, L.astype(np.float32), grid_thresholds(L))
         else:
             k.qdq_grid_directed(x_np, s_np, o_np, L, mode, seed)
-    return out.view(G, n)
+    return result

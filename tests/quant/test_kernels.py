@@ -63,3 +63,19 @@ def test_other_float_dtypes_are_computed_in_fp32_and_returned_in_their_dtype() -
     fast = mixq.fake_quantize(x, "mxfp4", backend="numba")
     assert fast.dtype == torch.float64
     assert torch.equal(fast, mixq.fake_quantize(x.float(), "mxfp4", backend="torch").double())
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("spec", ["mxfp4", "int8:channel", "fp8_e4m3", "nf4:g64", "int4:b16x16"])
+def test_out_receives_the_same_result(spec: str, backend: str) -> None:
+    x = _nasty()
+    out = torch.full_like(x, 7.0)
+    y = mixq.fake_quantize(x, spec, backend=backend, out=out)
+    ref = mixq.fake_quantize(x, spec, backend="torch")
+    assert y is out
+    assert bool(((out == ref) | (torch.isnan(out) & torch.isnan(ref))).all())
+
+
+def test_out_of_the_wrong_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match="out must match"):
+        mixq.fake_quantize(torch.randn(4, 8), "int8", out=torch.empty(8, 4))
