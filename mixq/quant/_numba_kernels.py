@@ -58,19 +58,11 @@ def hash32(i, seed):
 
 @njit(inline="always")
 def round_mode(t, mode, i, seed):
-    """Round float64 ``t`` to an integer: mode 0 half-even, 1 stochastic (hash of ``i``), 2 truncate."""
-    if mode == 0:
-        return np.rint(t)
-    if mode == 2:
-        return np.trunc(t)
-    f = np.floor(t)
-    u = np.float64(hash32(i, seed) >> np.uint64(8)) * 2.0**-24
-    return f + (1.0 if (1.0 - (t - f)) <= u else 0.0)
+    """Round fp32 ``t`` to an integer (fp32): mode 0 half-even, 1 stochastic, 2 truncate.
 
-
-@njit(inline="always")
-def round_mode32(t, mode, i, seed):
-    """``round_mode`` for fp32 ``t`` (the stochastic comparison still in float64, as the reference)."""
+    Stochastic: ``floor(t) + (1 - frac <= u)`` compared in float64 with the 24-bit uniform ``u`` of
+    element ``i``, exactly as the reference ``round_integers`` does.
+    """
     if mode == 0:
         return np.rint(t)
     if mode == 2:
@@ -102,7 +94,7 @@ def round_minifloat(y, fp, mode, i, seed):
     if sign_mask == 0:  # unsigned: negatives (not NaN) go to 0
         qn = np.float32(0.0) if negative and a <= INF else qn
     ay = abs(y)
-    q = round_mode32(ay * inv_sub, mode, i, seed) * sub
+    q = round_mode(ay * inv_sub, mode, i, seed) * sub
     q = (-q if negative else q) if sign_mask != 0 else (np.float32(0.0) if negative else q)
     return q if ay < small else qn
 
@@ -173,7 +165,7 @@ def _int_row(X, s, z, out, r, qmin, qmax, mode, seed):
     zf = np.float32(z[r])
     for j in range(n):
         y = X[r, j] / sc
-        t = round_mode(np.float64(y), mode, r * n + j, seed) + zr
+        t = np.float64(round_mode(y, mode, r * n + j, seed)) + zr
         t = min(max(t, qmin), qmax)
         q = (np.float32(t) - zf) * sc
         out[r, j] = q if y == y else y
