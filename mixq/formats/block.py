@@ -8,6 +8,7 @@ block scale, fp32 tensor scale), NVINT4 and custom ones are *instances* of :clas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from mixq.formats.base import ScalarFormat
 from mixq.formats.exponent import ExponentFormat
@@ -74,7 +75,12 @@ class BlockFormat:
 
 
 def block_presets() -> dict[str, BlockFormat]:
-    """The named block formats (OCP MX v1.0 and NVIDIA's two-level NV formats)."""
+    """The named block formats (OCP MX v1.0 and NVIDIA's two-level NV formats); a fresh dict."""
+    return dict(_block_presets())
+
+
+@lru_cache(maxsize=1)
+def _block_presets() -> dict[str, BlockFormat]:
     e8m0 = ExponentFormat(8)
     e4m3 = FloatFormat(4, 3, specials="fn")
     fp32 = FloatFormat(8, 23, specials="ieee")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from functools import lru_cache
 
 from mixq.formats.base import ScalarFormat
 from mixq.formats.block import BlockFormat, block_presets
@@ -35,7 +36,12 @@ class UnknownFormatError(ValueError):
 
 
 def scalar_presets() -> dict[str, ScalarFormat]:
-    """Named scalar formats (integers, OCP/IEEE floats, scale formats, grids)."""
+    """Named scalar formats (integers, OCP/IEEE floats, scale formats, grids); a fresh dict."""
+    return dict(_scalar_presets())
+
+
+@lru_cache(maxsize=1)
+def _scalar_presets() -> dict[str, ScalarFormat]:
     out: dict[str, ScalarFormat] = {}
     for b in range(2, 9):
         out[f"int{b}"] = IntFormat(b)
@@ -61,7 +67,7 @@ def scalar_presets() -> dict[str, ScalarFormat]:
 
 def short_name(fmt: ScalarFormat) -> str:
     """The preset name of ``fmt`` where it has one (``fp16`` rather than ``e5m10``), else its name."""
-    for name, preset in scalar_presets().items():
+    for name, preset in _scalar_presets().items():
         if preset == fmt:
             return name
     return fmt.name
@@ -104,7 +110,7 @@ def get(name: str) -> Format:
     if isinstance(name, (ScalarFormat, BlockFormat)):
         return name
     key = name.strip().lower()
-    presets = scalar_presets()
+    presets = _scalar_presets()
     if key in presets:
         return presets[key]
     blocks = block_presets()

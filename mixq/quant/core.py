@@ -26,6 +26,14 @@ def _as_spec(spec: QuantSpec | str) -> QuantSpec:
     return spec if isinstance(spec, QuantSpec) else QuantSpec.parse(spec)
 
 
+BACKENDS = ("auto", "torch", "numba")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def _check_input(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
@@ -113,10 +121,11 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec | str, *, generator: torch.Ge
     the cost of fresh memory in loops over many specs); it is returned.
     """
     _check_input(x)
+    _check_backend(backend)
     spec = _as_spec(spec)
     grouping = Grouping(tuple(x.shape), spec.granularity)  # validates the shape before any work
     if x.numel() == 0:
-        return x.clone()
+        return x.clone() if out is None else out
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(f"out must match x: shape {tuple(x.shape)}, {x.dtype} on {x.device}; got shape "
                          f"{tuple(out.shape)}, {out.dtype} on {out.device}")

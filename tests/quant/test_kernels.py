@@ -79,3 +79,8 @@ def test_out_receives_the_same_result(spec: str, backend: str) -> None:
 def test_out_of_the_wrong_shape_is_refused() -> None:
     with pytest.raises(ValueError, match="out must match"):
         mixq.fake_quantize(torch.randn(4, 8), "int8", out=torch.empty(8, 4))
+
+
+def test_an_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mixq.fake_quantize(torch.randn(4, 8), "int8", backend="nmba")
