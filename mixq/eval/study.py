@@ -206,8 +206,9 @@ def study(weights: Iterable[tuple[str, torch.Tensor]], specs: Iterable[str | Qua
         x = w.detach().float()
         shape = tuple(x.shape)
         signal = float(x.double().square().sum())
+        buf = torch.empty_like(x)  # one output buffer per layer, reused by every spec
         for spec in parsed:
-            rows.append(_measure(name, x, shape, signal, spec, seed))
+            rows.append(_measure(name, x, shape, signal, spec, seed, buf))
             done += x.numel()
             if progress is not None:
                 progress(done, total, f"{name} {spec}")
@@ -215,12 +216,12 @@ def study(weights: Iterable[tuple[str, torch.Tensor]], specs: Iterable[str | Qua
 
 
 def _measure(name: str, x: torch.Tensor, shape: tuple[int, ...], signal: float, spec: QuantSpec,
-             seed: int) -> LayerResult:
+             seed: int, buf: torch.Tensor) -> LayerResult:
     try:
         bpv = bits_per_value(spec, shape)
     except GroupSizeError as err:
         return LayerResult(name, shape, x.numel(), str(spec), signal, skipped=" ".join(str(err).split()))
     gen = torch.Generator().manual_seed(seed)
-    q = fake_quantize(x, spec, generator=gen)  # [shape] fp32
-    error = float((x - q).double().square().sum())
+    diff = fake_quantize(x, spec, generator=gen, out=buf).sub_(x)  # q - x, [shape] fp32, in buf
+    error = float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
     return LayerResult(name, shape, x.numel(), str(spec), signal, error, bpv)
