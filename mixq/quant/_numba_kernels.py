@@ -116,45 +116,62 @@ def row_minmax(X, lo, hi, bad):
         bad[r] = nan
 
 
-@njit(parallel=True, cache=True)
-def row_absmax(X, amax):
-    """Largest magnitude per row (fp32); NaN for rows holding NaN or inf."""
-    R, n = X.shape
-    for r in prange(R):
-        top = np.uint32(0)
-        for j in range(n):
-            top = max(top, f32_bits(X[r, j]) & ABS)  # as unsigned patterns: NaN > inf > finite
-        amax[r] = np.float32(np.nan) if top >= INF else bits_f32(top)
+@njit(inline="always")
+def amax_of_row(X, r):
+    """Largest magnitude of row ``r`` (fp32); NaN when the row holds NaN or inf."""
+    top = np.uint32(0)
+    for j in range(X.shape[1]):
+        top = max(top, f32_bits(X[r, j]) & ABS)  # as unsigned patterns: NaN > inf > finite
+    return np.float32(np.nan) if top >= INF else bits_f32(top)
 
 
-@njit(parallel=True, cache=True)
-def scales_from_amax(amax, block, scale, rule, element_max, emax_elem, emin, emax, S, fp, one, min_sub):
-    """Block scales from row maxima, exactly as ``mixq.quant.scale.scales_for_range`` (symmetric).
+@njit(inline="always")
+def block_scale(amax, rule, element_max, emax_elem, emin, emax, S, fp, one, min_sub):
+    """The stored block scale of a group whose largest magnitude is ``amax``, as the reference.
 
     rule 0: fp32 ``amax / element_max``; 1: OCP floor ``2**clamp(floor(log2 amax) - emax_elem)``;
     2: nearest value of the minifloat ``fp``. ``S``: tensor scale (1 when there is none).
     """
+    a = amax / S
+    ideal = (amax / element_max) / S
+    if ideal != ideal or abs(ideal) == np.inf:
+        return np.float32(np.nan)
+    if ideal == 0:
+        return one
+    if rule == 0:
+        return ideal
+    if rule == 1:
+        e = np.int64(f32_bits(a) >> np.uint32(23)) - 127  # floor(log2 a) for normal a
+        if e == -127:  # an fp32 subnormal
+            e = math.frexp(np.float64(a))[1] - 1
+        k = min(max(e - emax_elem, emin), emax)
+        return bits_f32(np.uint32((k + 127) << 23) if k >= -126 else np.uint32(1 << (k + 149)))
+    b = round_minifloat(ideal, fp, 0, 0, 0)
+    return b if b > 0 else min_sub
+
+
+@njit(parallel=True, cache=True)
+def row_absmax(X, amax):
+    """Largest magnitude per row (fp32); NaN for rows holding NaN or inf."""
+    for r in prange(X.shape[0]):
+        amax[r] = amax_of_row(X, r)
+
+
+@njit(parallel=True, cache=True)
+def scales_from_amax(amax, block, scale, rule, element_max, emax_elem, emin, emax, S, fp, one, min_sub):
+    """Block scales (and ``block * S``) from row maxima; see ``block_scale``."""
     for g in prange(amax.shape[0]):
-        a = amax[g] / S
-        ideal = (amax[g] / element_max) / S
-        if ideal != ideal or abs(ideal) == np.inf:
-            b = np.float32(np.nan)
-        elif ideal == 0:
-            b = one
-        elif rule == 0:
-            b = ideal
-        elif rule == 1:
-            ab = f32_bits(a)
-            e = np.int64(ab >> np.uint32(23)) - 127  # floor(log2 a) for normal a
-            if e == -127:  # an fp32 subnormal
-                e = math.frexp(np.float64(a))[1] - 1
-            k = min(max(e - emax_elem, emin), emax)
-            b = bits_f32(np.uint32((k + 127) << 23) if k >= -126 else np.uint32(1 << (k + 149)))
-        else:
-            b = round_minifloat(ideal, fp, 0, 0, 0)
-            b = b if b > 0 else min_sub
+        b = block_scale(amax[g], rule, element_max, emax_elem, emin, emax, S, fp, one, min_sub)
         block[g] = b
         scale[g] = b * S
+
+
+@njit(parallel=True, cache=True)
+def row_scales(X, block, rule, element_max, emax_elem, emin, emax, fp, one, min_sub):
+    """``block_scale`` of every row's largest magnitude in one pass (no tensor scale)."""
+    for r in prange(X.shape[0]):
+        block[r] = block_scale(amax_of_row(X, r), rule, element_max, emax_elem, emin, emax, np.float32(1.0),
+                               fp, one, min_sub)
 
 
 @njit(inline="always")

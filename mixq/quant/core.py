@@ -84,6 +84,9 @@ def qdq_groups(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int, bac
 def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> GroupScales:
     """Scales for groups ``X`` ([G, n] fp32) by the spec's scale rule, including clip search."""
     if backend != "torch" and kernels.covers_absmax_scales(X, spec, required=backend == "numba"):
+        if spec.scale.tensor_scale is None:  # one pass: maxima and scales together
+            block = kernels.row_scales(X, spec)
+            return GroupScales(block, block, None, None)
         amax = kernels.row_absmax(X)
         S = tensor_scale(amax, spec)
         block, scale = kernels.absmax_scales(amax, spec, S)

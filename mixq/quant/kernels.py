@@ -159,8 +159,8 @@ def row_absmax(X: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(amax)
 
 
-def absmax_scales(amax: torch.Tensor, spec, S: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(block, scale)`` ([G] fp32 each) from row maxima; the spec must pass :func:`covers_absmax_scales`."""
+def _scale_params(spec) -> tuple:
+    """``(rule, element_max, emax_elem, emin, emax)``, ``fp``, ``one``, ``min_sub`` of ``block_scale``."""
     rule, el = spec.scale, spec.format
     fmt = rule.format
     if rule.rule == "floor":
@@ -172,13 +172,27 @@ def absmax_scales(amax: torch.Tensor, spec, S: torch.Tensor | None) -> tuple[tor
         raise ValueError(f"no kernel for scale format {fmt.name}")
     else:
         code, emin, emax, fp = 2, 0, 0, float_params(fmt)
-    one = np.float32(fmt.round(torch.ones(1)).item())
+    head = (code, np.float32(el.max), int(math.floor(math.log2(el.max))), emin, emax)
+    return head, fp, np.float32(fmt.round(torch.ones(1)).item()), np.float32(fmt.min_subnormal)
+
+
+def absmax_scales(amax: torch.Tensor, spec, S: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block, scale)`` ([G] fp32 each) from row maxima; the spec must pass :func:`covers_absmax_scales`."""
+    head, fp, one, min_sub = _scale_params(spec)
     block = np.empty(amax.shape[0], np.float32)
     scale = np.empty_like(block)
-    _k().scales_from_amax(amax.numpy(), block, scale, code, np.float32(el.max), int(math.floor(math.log2(el.max))),
-                          emin, emax, np.float32(1.0 if S is None else float(S)), fp, one,
-                          np.float32(fmt.min_subnormal))
+    _k().scales_from_amax(amax.numpy(), block, scale, *head, np.float32(1.0 if S is None else float(S)), fp, one,
+                          min_sub)
     return torch.from_numpy(block), torch.from_numpy(scale)
+
+
+def row_scales(X: torch.Tensor, spec) -> torch.Tensor:
+    """Block scales ([G] fp32) in one pass over ``X`` ([G, n] fp32), for a spec without tensor scale
+    that passes :func:`covers_absmax_scales`; equal to ``absmax_scales(row_absmax(X), spec, None)``."""
+    head, fp, one, min_sub = _scale_params(spec)
+    block = np.empty(X.shape[0], np.float32)
+    _k().row_scales(X.contiguous().numpy(), block, *head, fp, one, min_sub)
+    return torch.from_numpy(block)
 
 
 def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False,
