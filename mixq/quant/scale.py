@@ -79,7 +79,7 @@ def tensor_scale(group_amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor | No
     ts = spec.scale.tensor_scale
     if ts is None:
         return None
-    finite = group_amax[torch.isfinite(group_amax)]
+    finite = torch.nan_to_num(group_amax, nan=0.0, posinf=0.0)  # non-finite groups count as empty
     amax = finite.max() if finite.numel() else torch.zeros(())
     S = (amax.float() / (spec.format.max * spec.scale.format.max))
     S = torch.where(S == 0, torch.ones_like(S), S)
