@@ -57,23 +57,29 @@ def hash32(i, seed):
 
 
 @njit(inline="always")
-def round_mode(t, mode, i, seed):
+def element_hash(mode, i, seed):
+    """The 32-bit hash of element ``i`` for stochastic rounding (mode 1); 0 for the other modes."""
+    return hash32(i, seed) if mode == 1 else np.uint64(0)
+
+
+@njit(inline="always")
+def round_mode(t, mode, h):
     """Round fp32 ``t`` to an integer (fp32): mode 0 half-even, 1 stochastic, 2 truncate.
 
-    Stochastic: ``floor(t) + (1 - frac <= u)`` compared in float64 with the 24-bit uniform ``u`` of
-    element ``i``, exactly as the reference ``round_integers`` does.
+    Stochastic: ``floor(t) + (1 - frac <= u)`` compared in float64 with the 24-bit uniform
+    ``u = (h >> 8) / 2**24`` of the element's hash ``h``, exactly as the reference ``round_integers``.
     """
     if mode == 0:
         return np.rint(t)
     if mode == 2:
         return np.trunc(t)
     f = np.floor(t)
-    u = np.float64(hash32(i, seed) >> np.uint64(8)) * 2.0**-24
+    u = np.float64(h >> np.uint64(8)) * 2.0**-24
     return f + (np.float32(1.0) if (1.0 - np.float64(t - f)) <= u else np.float32(0.0))
 
 
 @njit(inline="always")
-def round_minifloat(y, fp, mode, i, seed):
+def round_minifloat(y, fp, mode, h):
     """fp32 ``y`` rounded onto a minifloat: on the bit pattern of ``|y|``, except below ``small``
     (the smallest normal where it is an fp32 normal), where ``rint(|y| / sub) * sub`` is exact in fp32.
     """
@@ -83,7 +89,7 @@ def round_minifloat(y, fp, mode, i, seed):
     if mode == 0:
         add = half + (((a >> shift) ^ flip) & parity)
     elif mode == 1:
-        add = np.uint32(hash32(i, seed) >> sr_shift)
+        add = np.uint32(h >> sr_shift)
     else:
         add = np.uint32(0)
     rb = (a + add) & mask
@@ -94,7 +100,7 @@ def round_minifloat(y, fp, mode, i, seed):
     if sign_mask == 0:  # unsigned: negatives (not NaN) go to 0
         qn = np.float32(0.0) if negative and a <= INF else qn
     ay = abs(y)
-    q = round_mode(ay * inv_sub, mode, i, seed) * sub
+    q = round_mode(ay * inv_sub, mode, h) * sub
     q = (-q if negative else q) if sign_mask != 0 else (np.float32(0.0) if negative else q)
     return q if ay < small else qn
 
@@ -146,7 +152,7 @@ def block_scale(amax, rule, element_max, emax_elem, emin, emax, S, fp, one, min_
             e = math.frexp(np.float64(a))[1] - 1
         k = min(max(e - emax_elem, emin), emax)
         return bits_f32(np.uint32((k + 127) << 23) if k >= -126 else np.uint32(1 << (k + 149)))
-    b = round_minifloat(ideal, fp, 0, 0, 0)
+    b = round_minifloat(ideal, fp, 0, np.uint64(0))
     return b if b > 0 else min_sub
 
 
@@ -182,7 +188,7 @@ def _int_row(X, s, z, out, r, qmin, qmax, mode, seed):
     zf = np.float32(z[r])
     for j in range(n):
         y = X[r, j] / sc
-        t = np.float64(round_mode(y, mode, r * n + j, seed)) + zr
+        t = np.float64(round_mode(y, mode, element_hash(mode, r * n + j, seed))) + zr
         t = min(max(t, qmin), qmax)
         q = (np.float32(t) - zf) * sc
         out[r, j] = q if y == y else y
@@ -211,7 +217,7 @@ def _float_row(X, s, out, r, fp, mode, seed):
     n = X.shape[1]
     sc = s[r]
     for j in range(n):
-        out[r, j] = round_minifloat(X[r, j] / sc, fp, mode, r * n + j, seed) * sc
+        out[r, j] = round_minifloat(X[r, j] / sc, fp, mode, element_hash(mode, r * n + j, seed)) * sc
 
 
 @njit(parallel=True, cache=True)
