@@ -115,8 +115,8 @@ def row_minmax(X, lo, hi, bad):
         for j in range(n):
             v = X[r, j]
             nan |= v != v
-            mn = min(mn, v)
-            mx = max(mx, v)
+            mn = v if v < mn else mn  # selects (not min/max with NaN rules): they vectorise
+            mx = v if v > mx else mx
         lo[r] = mn
         hi[r] = mx
         bad[r] = nan
@@ -178,6 +178,30 @@ def row_scales(X, block, rule, element_max, emax_elem, emin, emax, fp, one, min_
     for r in prange(X.shape[0]):
         block[r] = block_scale(amax_of_row(X, r), rule, element_max, emax_elem, emin, emax, np.float32(1.0),
                                fp, one, min_sub)
+
+
+@njit(parallel=True, cache=True)
+def row_asym_scales(X, scale, zero, qmin, qmax):  # qmin, qmax: fp32
+    """Asymmetric fp32 scales and integer zero points per row, exactly as the reference:
+    ``lo = min(x, 0)``, ``hi = max(x, 0)``, ``s = fp32(hi - lo) / (qmax - qmin)`` (1 when 0, NaN for
+    rows holding NaN or inf), ``z = clamp(qmin - rint(lo / s), qmin, qmax)``."""
+    span = np.float32(qmax - qmin)
+    for r in prange(X.shape[0]):
+        lo = np.float32(0.0)
+        hi = np.float32(0.0)
+        bad = False
+        for j in range(X.shape[1]):
+            v = X[r, j]
+            bad |= (v - v) != 0  # NaN or inf
+            lo = v if v < lo else lo  # selects (not min/max with NaN rules): they vectorise
+            hi = v if v > hi else hi
+        ideal = (hi - lo) / span
+        sc = np.float32(1.0) if ideal == 0 else ideal
+        z = qmin - np.rint(lo / sc)
+        z = qmin if z < qmin else (qmax if z > qmax else z)
+        bad |= (ideal - ideal) != 0  # hi - lo can overflow
+        scale[r] = np.float32(np.nan) if bad else sc
+        zero[r] = np.float32(np.nan) if bad else z
 
 
 @njit(inline="always")

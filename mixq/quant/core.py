@@ -91,6 +91,9 @@ def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> 
         S = tensor_scale(amax, spec)
         block, scale = kernels.absmax_scales(amax, spec, S)
         return GroupScales(scale, block, None, S)
+    if backend != "torch" and kernels.covers_asym_scales(X, spec, required=backend == "numba"):
+        scale, zero = kernels.asym_scales(X, spec)
+        return GroupScales(scale, scale, zero, None)
     lo, hi = group_range(X, spec, backend)
     S = tensor_scale(torch.maximum(-lo, hi), spec)
     best = scales_for_range(lo, hi, spec, S)

@@ -186,6 +186,24 @@ def absmax_scales(amax: torch.Tensor, spec, S: torch.Tensor | None) -> tuple[tor
     return torch.from_numpy(block), torch.from_numpy(scale)
 
 
+def covers_asym_scales(X: torch.Tensor, spec, required: bool = False) -> bool:
+    """Whether :func:`asym_scales` implements ``spec``'s scale rule (integer zero point, min-max
+    range, fp32 scales, no tensor scale)."""
+    rule = spec.scale
+    return (rule.asymmetric and not rule.offset and type(rule.clip).__name__ == "AbsMaxClip"
+            and rule.format == _FP32 and rule.tensor_scale is None and X.shape[1] > 0 and X.shape[0] >= 64
+            and _usable(X, required))
+
+
+def asym_scales(X: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` ([G] fp32 each) in one pass over ``X`` ([G, n] fp32); see :func:`covers_asym_scales`."""
+    fmt = spec.format
+    scale = np.empty(X.shape[0], np.float32)
+    zero = np.empty_like(scale)
+    _k().row_asym_scales(X.contiguous().numpy(), scale, zero, np.float32(fmt.qmin), np.float32(fmt.qmax))
+    return torch.from_numpy(scale), torch.from_numpy(zero)
+
+
 def row_scales(X: torch.Tensor, spec) -> torch.Tensor:
     """Block scales ([G] fp32) in one pass over ``X`` ([G, n] fp32), for a spec without tensor scale
     that passes :func:`covers_absmax_scales`; equal to ``absmax_scales(row_absmax(X), spec, None)``."""

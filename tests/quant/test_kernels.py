@@ -84,3 +84,12 @@ def test_out_of_the_wrong_shape_is_refused() -> None:
 def test_an_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         mixq.fake_quantize(torch.randn(4, 8), "int8", backend="nmba")
+
+
+@pytest.mark.parametrize("spec", ["int4:g64:asym", "int8:channel", "mxfp4", "fp8_e4m3:g32"])
+def test_ranges_that_overflow_fp32_agree(spec: str) -> None:
+    x = torch.randn(96, 512, generator=torch.Generator().manual_seed(2))
+    x[5, :2] = torch.tensor([3e38, -3e38])  # hi - lo overflows to inf
+    ref = mixq.fake_quantize(x, spec, backend="torch")
+    fast = mixq.fake_quantize(x, spec, backend="numba")
+    assert bool(((ref == fast) | (torch.isnan(ref) & torch.isnan(fast))).all())
