@@ -8,7 +8,8 @@ with one pass per group row:
   mask), values below the smallest normal by exact float64 arithmetic, then ``fp32(q * s)``;
 - integers by ``rint``/``floor``/``trunc`` in float64, clamped; grids by counting midpoints;
 - symmetric absmax scales (fp32, OCP floor to E8M0, or nearest into a minifloat such as E4M3,
-  with or without a tensor scale) from one pass of row maxima.
+  with or without a tensor scale) and asymmetric fp32 scales with integer zero points, from one
+  pass over the rows. MSE and percentile clipping and float offsets use the reference scales.
 
 Stochastic rounding draws the same hash-based uniforms as :mod:`mixq.quant.noise`. Kernels are
 compiled on first use (about a second each; numba caches them on disk) and only used for tensors
