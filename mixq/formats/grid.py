@@ -66,13 +66,14 @@ class GridFormat(ScalarFormat):
     def num_codes(self) -> int:
         return len(self.levels)
 
-    def level_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.levels, dtype=torch.float64)
+    def level_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The sorted levels as a float64 tensor on ``device``."""
+        return torch.tensor(self.levels, dtype=torch.float64, device=device)
 
     def round_index(self, y: torch.Tensor, rounding: Rounding = Rounding.NEAREST,
                     u: torch.Tensor | None = None) -> torch.Tensor:
         """Index (int64) of the chosen level for each element of ``y``."""
-        L = self.level_tensor()
+        L = self.level_tensor(y.device)
         y64 = y.double().contiguous()
         n = L.numel()
         if rounding is Rounding.NEAREST:
@@ -91,7 +92,7 @@ class GridFormat(ScalarFormat):
 
     def round(self, y: torch.Tensor, rounding: Rounding = Rounding.NEAREST,
               u: torch.Tensor | None = None) -> torch.Tensor:
-        v = self.level_tensor()[self.round_index(y, rounding, u)]
+        v = self.level_tensor(y.device)[self.round_index(y, rounding, u)]
         return torch.where(torch.isnan(y), torch.nan, v).float()
 
     def encode(self, y: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class GridFormat(ScalarFormat):
         return self.round_index(y).to(torch.int32)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.level_tensor()[codes.to(torch.int64)].float()
+        return self.level_tensor(codes.device)[codes.to(torch.int64)].float()
 
 
 def nf4() -> GridFormat:

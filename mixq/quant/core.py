@@ -186,7 +186,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec | str, *, generator: torch.Generat
     q = element_values(X, sc, spec, seed)
     # A group with a NaN scale decodes to NaN whatever its elements: store code 0 for them.
     bad = ~torch.isfinite(sc.scale)[:, None].expand_as(q)
-    code0 = spec.format.decode(torch.zeros(1, dtype=torch.int32))
+    code0 = spec.format.decode(torch.zeros(1, dtype=torch.int32, device=q.device))
     codes = spec.format.encode(torch.where(bad, code0, q))  # asymmetric: q holds the integers r
     return QuantizedTensor(
         codes=grouping.from_groups(codes).contiguous(),

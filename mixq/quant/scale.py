@@ -80,7 +80,7 @@ def tensor_scale(group_amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor | No
     if ts is None:
         return None
     finite = torch.nan_to_num(group_amax, nan=0.0, posinf=0.0)  # non-finite groups count as empty
-    amax = finite.max() if finite.numel() else torch.zeros(())
+    amax = finite.max() if finite.numel() else group_amax.new_zeros(())
     S = (amax.float() / (spec.format.max * spec.scale.format.max))
     S = torch.where(S == 0, torch.ones_like(S), S)
     return ts.round(S.reshape(1)).reshape(())
@@ -99,7 +99,7 @@ def cast_scale(ideal: torch.Tensor, amax: torch.Tensor, fmt: ScalarFormat, rule:
     if rule == "ceil":
         if fmt.num_codes > (1 << 16):
             return ideal.clone()  # fp32 scales: the ideal scale itself
-        v = fmt.values()
+        v = fmt.values().to(ideal.device)
         v = v[v > 0]
         return v[torch.searchsorted(v, ideal.contiguous()).clamp(max=v.numel() - 1)]
     return fmt.round(ideal)
