@@ -106,7 +106,7 @@ class ScalarFormat(ABC):
         return self.name
 
 
-def uniform_from_bits(u: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def checked_uniform(u: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """Check that stochastic rounding got its uniform numbers; returns them as float64."""
     if u is None:
         raise ValueError("stochastic rounding needs uniform numbers u (use mixq.quant, which draws them)")
@@ -125,5 +125,5 @@ def round_integers(t: torch.Tensor, rounding: Rounding, u: torch.Tensor | None) 
     if rounding is Rounding.TOWARD_ZERO:
         return torch.trunc(t)
     f = torch.floor(t)
-    up = (1.0 - (t - f)) <= uniform_from_bits(u, t)
+    up = (1.0 - (t - f)) <= checked_uniform(u, t)
     return f + up.double()

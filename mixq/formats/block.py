@@ -18,6 +18,11 @@ from mixq.formats.minifloat import FloatFormat
 SCALE_RULES = ("floor", "ceil", "nearest")
 
 
+def default_scale_rule(scale: ScalarFormat) -> str:
+    """``floor`` (the OCP MX rule) for power-of-two scale formats, ``nearest`` otherwise."""
+    return "floor" if isinstance(scale, ExponentFormat) else "nearest"
+
+
 @dataclass(frozen=True)
 class BlockFormat:
     """Elements share one scale per block; optionally all blocks share an fp32 tensor scale.
@@ -48,11 +53,16 @@ class BlockFormat:
 
     @property
     def name(self) -> str:
+        """The preset label, or the spec string that builds this composition (``e3m2:g32:e8m0``)."""
         if self.label:
             return self.label
-        from mixq.quant.spec import QuantSpec  # the string form of a custom block is a spec string
-
-        return str(QuantSpec.from_format(self))
+        layout = f"g{self.block[0]}" if len(self.block) == 1 else f"b{self.block[0]}x{self.block[1]}"
+        parts = [self.element.name, layout, self.scale.name]
+        if self.scale_rule != default_scale_rule(self.scale):
+            parts.append(self.scale_rule)
+        if self.tensor_scale is not None:
+            parts.append(f"ts={self.tensor_scale.name}")
+        return ":".join(parts)
 
     @property
     def block_size(self) -> int:

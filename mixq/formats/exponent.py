@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixq.formats.base import Rounding, ScalarFormat, uniform_from_bits
+from mixq.formats.base import Rounding, ScalarFormat, checked_uniform
 from mixq.formats.minifloat import floor_log2, pow2
 
 
@@ -83,7 +83,7 @@ class ExponentFormat(ScalarFormat):
         if rounding is Rounding.NEAREST:
             up = t >= 1.5
         elif rounding is Rounding.STOCHASTIC:
-            up = (2.0 - t) <= uniform_from_bits(u, a)
+            up = (2.0 - t) <= checked_uniform(u, a)
         else:
             up = torch.zeros_like(ok)
         k = k + up.to(torch.int64)

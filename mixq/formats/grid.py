@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixq.formats.base import Rounding, ScalarFormat, uniform_from_bits
+from mixq.formats.base import Rounding, ScalarFormat, checked_uniform
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class GridFormat(ScalarFormat):
         vlo, vhi = L[lo], L[lo + 1]
         if rounding is Rounding.STOCHASTIC:
             p = ((y64 - vlo) / (vhi - vlo)).clamp(0.0, 1.0)
-            return lo + ((1.0 - p) <= uniform_from_bits(u, y64)).to(torch.int64)
+            return lo + ((1.0 - p) <= checked_uniform(u, y64)).to(torch.int64)
         inside = torch.where(y64 <= vlo, lo, torch.where(y64 >= vhi, lo + 1, -1))
         nearer_zero = torch.where(vhi.abs() < vlo.abs(), lo + 1, lo)
         return torch.where(inside >= 0, inside, nearer_zero)

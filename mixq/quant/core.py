@@ -18,7 +18,7 @@ from mixq.formats import IntFormat, Rounding
 from mixq.formats.base import round_integers
 from mixq.quant import kernels, noise
 from mixq.quant.granularity import Grouping
-from mixq.quant.scale import GroupScales, group_range, scales_for_range, tensor_scale
+from mixq.quant.scale import GroupScales, group_range, kernel_scales, scales_for_range, tensor_scale
 from mixq.quant.spec import MSEClip, QuantSpec
 
 
@@ -43,18 +43,17 @@ def _check_input(x: torch.Tensor) -> None:
 
 def element_values(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int) -> torch.Tensor:
     """Element values ``q`` ([G, n] fp32; asymmetric: the integers ``r``) of groups ``X`` ([G, n] fp32)."""
-    y = X / sc.scale[:, None]
     u = noise.uniform(tuple(X.shape), seed, X.device) if spec.rounding is Rounding.STOCHASTIC else None
+    if sc.offset is not None:  # r = qmin + round((x - m) / s)
+        y = (X - sc.offset[:, None]) / sc.scale[:, None]
+    else:
+        y = X / sc.scale[:, None]
     if sc.zero is None and sc.offset is None:
         return spec.format.round(y, spec.rounding, u)
     fmt = spec.format
     assert isinstance(fmt, IntFormat)
-    if sc.offset is not None:  # r = qmin + round((x - m) / s)
-        y = (X - sc.offset[:, None]) / sc.scale[:, None]
-        r = round_integers(y.double(), spec.rounding, u) + fmt.qmin
-    else:
-        r = round_integers(y.double(), spec.rounding, u) + sc.zero[:, None].double()
-    return r.clamp(fmt.qmin, fmt.qmax).float()
+    shift = fmt.qmin if sc.offset is not None else sc.zero[:, None].double()
+    return (round_integers(y.double(), spec.rounding, u) + shift).clamp(fmt.qmin, fmt.qmax).float()
 
 
 def decode_groups(q: torch.Tensor, sc: GroupScales, spec: QuantSpec) -> torch.Tensor:
@@ -83,17 +82,9 @@ def qdq_groups(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int, bac
 
 def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> GroupScales:
     """Scales for groups ``X`` ([G, n] fp32) by the spec's scale rule, including clip search."""
-    if backend != "torch" and kernels.covers_absmax_scales(X, spec, required=backend == "numba"):
-        if spec.scale.tensor_scale is None:  # one pass: maxima and scales together
-            block = kernels.row_scales(X, spec)
-            return GroupScales(block, block, None, None)
-        amax = kernels.row_absmax(X)
-        S = tensor_scale(amax, spec)
-        block, scale = kernels.absmax_scales(amax, spec, S)
-        return GroupScales(scale, block, None, S)
-    if backend != "torch" and kernels.covers_asym_scales(X, spec, required=backend == "numba"):
-        scale, zero = kernels.asym_scales(X, spec)
-        return GroupScales(scale, scale, zero, None)
+    fast = kernel_scales(X, spec, backend)
+    if fast is not None:
+        return fast
     lo, hi = group_range(X, spec, backend)
     S = tensor_scale(torch.maximum(-lo, hi), spec)
     best = scales_for_range(lo, hi, spec, S)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mixq.formats import ExponentFormat, FloatFormat, GridFormat, IntFormat, Rounding
+from mixq.quant.spec import AbsMaxClip
 
 MIN_NUMEL = 1 << 16
 _MODES = {Rounding.NEAREST: 0, Rounding.STOCHASTIC: 1, Rounding.TOWARD_ZERO: 2}
@@ -142,7 +143,7 @@ def covers_absmax_scales(X: torch.Tensor, spec, required: bool = False) -> bool:
     """Whether :func:`row_absmax` + :func:`absmax_scales` implement ``spec``'s scale rule
     (``required``: the caller asked for the kernels, whatever the size of ``X``)."""
     rule = spec.scale
-    if rule.asymmetric or type(rule.clip).__name__ != "AbsMaxClip" or X.shape[1] == 0 or X.shape[0] < 64:
+    if rule.asymmetric or not isinstance(rule.clip, AbsMaxClip) or X.shape[1] == 0 or X.shape[0] < 64:
         return False
     if not _usable(X, required):
         return False
@@ -191,7 +192,7 @@ def covers_asym_scales(X: torch.Tensor, spec, required: bool = False) -> bool:
     """Whether :func:`asym_scales` implements ``spec``'s scale rule (integer zero point, min-max
     range, fp32 scales, no tensor scale)."""
     rule = spec.scale
-    return (rule.asymmetric and not rule.offset and type(rule.clip).__name__ == "AbsMaxClip"
+    return (rule.asymmetric and not rule.offset and isinstance(rule.clip, AbsMaxClip)
             and rule.format == _FP32 and rule.tensor_scale is None and X.shape[1] > 0 and X.shape[0] >= 64
             and _usable(X, required))
 
@@ -229,7 +230,6 @@ def qdq(X: torch.Tensor, sc, spec, seed: int, required: bool = False,
         if required:
             raise RuntimeError("the numba kernels do not cover float offsets (asymf)")
         return None
-    G, n = X.shape
     zero = sc.zero if sc.zero is not None else torch.zeros_like(sc.scale)
     Xr, s, z = _rows(X.contiguous(), sc.scale.contiguous(), zero.contiguous())
     result = torch.empty_like(X) if out is None else out

@@ -42,7 +42,7 @@ def group_range(X: torch.Tensor, spec: QuantSpec, backend: str = "auto") -> tupl
         zero = X.new_zeros(X.shape[0])
         return zero, zero.clone()
     clip = spec.scale.clip
-    if isinstance(clip, PercentileClip) and X.shape[1] > 0:
+    if isinstance(clip, PercentileClip):
         n = X.shape[1]
         k = max(1, min(n, math.ceil(clip.percent / 100.0 * n)))
         if spec.scale.asymmetric:
@@ -50,23 +50,36 @@ def group_range(X: torch.Tensor, spec: QuantSpec, backend: str = "auto") -> tupl
         else:
             hi = X.abs().kthvalue(k, dim=1).values
             lo = -hi
-    else:
+        bad = ~torch.isfinite(X).all(dim=1)  # a percentile can leave out an inf: the group is still NaN
+    else:  # (an inf needs no flag here: it makes the scale non-finite, hence NaN)
         fast = kernels.row_minmax(X, required=backend == "numba") if backend != "torch" else None
-        if fast is not None:
-            lo, hi, bad = fast
-        else:
-            lo, hi = X.aminmax(dim=1)
-            bad = torch.isnan(X).any(dim=1)
+        lo, hi, bad = fast if fast is not None else (*X.aminmax(dim=1), torch.isnan(X).any(dim=1))
         if not spec.scale.asymmetric:
             hi = torch.maximum(-lo, hi)
             lo = -hi
-        if not spec.scale.offset:  # an integer zero point keeps 0 exact: the range must hold it
-            lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-        return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
-    if not spec.scale.offset:
+    if not spec.scale.offset:  # an integer zero point keeps 0 exact: the range must hold it
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    bad = ~torch.isfinite(X).all(dim=1)  # a percentile can leave out an inf: the group is still NaN
     return torch.where(bad, torch.nan, lo), torch.where(bad, torch.nan, hi)
+
+
+def kernel_scales(X: torch.Tensor, spec: QuantSpec, backend: str) -> GroupScales | None:
+    """Scales of groups ``X`` ([G, n] fp32) from the compiled kernels, equal to the reference's, or
+    None where the kernels do not cover the spec's rule (``backend``: auto|torch|numba)."""
+    if backend == "torch":
+        return None
+    required = backend == "numba"
+    if kernels.covers_absmax_scales(X, spec, required):
+        if spec.scale.tensor_scale is None:  # one pass: maxima and scales together
+            block = kernels.row_scales(X, spec)
+            return GroupScales(block, block, None, None)
+        amax = kernels.row_absmax(X)
+        S = tensor_scale(amax, spec)
+        block, scale = kernels.absmax_scales(amax, spec, S)
+        return GroupScales(scale, block, None, S)
+    if kernels.covers_asym_scales(X, spec, required):
+        scale, zero = kernels.asym_scales(X, spec)
+        return GroupScales(scale, scale, zero, None)
+    return None
 
 
 def tensor_scale(group_amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:

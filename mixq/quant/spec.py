@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 
 from mixq.formats import (BlockFormat, ExponentFormat, FloatFormat, IntFormat, Rounding, ScalarFormat,
                           block_presets, get, short_name)
+from mixq.formats.block import default_scale_rule
 from mixq.formats.registry import UnknownFormatError
 from mixq.quant.granularity import Granularity, PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 
@@ -101,7 +102,7 @@ class ScaleRule:
 
     def __post_init__(self) -> None:
         if not self.rule:
-            object.__setattr__(self, "rule", "floor" if isinstance(self.format, ExponentFormat) else "nearest")
+            object.__setattr__(self, "rule", self.default_rule)
         if self.rule not in ("floor", "ceil", "nearest"):
             raise SpecError(f"scale rule must be floor, ceil or nearest, got {self.rule!r}")
         if self.rule == "floor" and not isinstance(self.format, ExponentFormat):
@@ -119,7 +120,7 @@ class ScaleRule:
 
     @property
     def default_rule(self) -> str:
-        return "floor" if isinstance(self.format, ExponentFormat) else "nearest"
+        return default_scale_rule(self.format)
 
 
 @dataclass(frozen=True)
