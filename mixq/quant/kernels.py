@@ -18,6 +18,7 @@ of at least ``MIN_NUMEL`` elements, so a small call never pays a compilation.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -37,10 +38,19 @@ def available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+@functools.lru_cache(maxsize=1)
 def _k():
-    """The compiled kernels module (imports numba on first use only)."""
+    """The compiled kernels module (imports numba on first use only).
+
+    numba's first parallel launch resets the size of torch's OpenMP thread pool (they share the
+    runtime); one tiny launch here, with torch's thread count restored after it, keeps a caller's
+    ``torch.set_num_threads`` in force.
+    """
     from mixq.quant import _numba_kernels
 
+    threads = torch.get_num_threads()
+    _numba_kernels.row_absmax(np.zeros((1, 1), np.float32), np.zeros(1, np.float32))
+    torch.set_num_threads(threads)
     return _numba_kernels
 
 

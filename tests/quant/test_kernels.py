@@ -93,3 +93,14 @@ def test_ranges_that_overflow_fp32_agree(spec: str) -> None:
     ref = mixq.fake_quantize(x, spec, backend="torch")
     fast = mixq.fake_quantize(x, spec, backend="numba")
     assert bool(((ref == fast) | (torch.isnan(ref) & torch.isnan(fast))).all())
+
+
+def test_first_kernel_launch_keeps_torch_thread_count():
+    """numba's first parallel launch used to reset torch's thread pool (1 -> all cores); it must not."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1); from mixq.quant import fake_quantize; "
+            "fake_quantize(torch.randn(512, 512), 'int4:g64', backend='numba'); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
