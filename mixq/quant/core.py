@@ -80,13 +80,20 @@ def qdq_groups(X: torch.Tensor, sc: GroupScales, spec: QuantSpec, seed: int, bac
     return Y if out is None else out.copy_(Y)
 
 
-def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str) -> GroupScales:
-    """Scales for groups ``X`` ([G, n] fp32) by the spec's scale rule, including clip search."""
-    fast = kernel_scales(X, spec, backend)
+def choose_scales(X: torch.Tensor, spec: QuantSpec, seed: int, backend: str, *,
+                  tensor: torch.Tensor | None = None) -> GroupScales:
+    """Scales for groups ``X`` ([G, n] fp32) by the spec's scale rule, including clip search.
+
+    ``tensor``: a fixed second-level scale (0-d fp32) to use instead of the one of ``X``, for specs
+    with a tensor scale (GPTQ takes it from the whole weight and then chooses one group at a time).
+    """
+    if tensor is not None and spec.scale.tensor_scale is None:
+        raise ValueError(f"a fixed tensor scale was given, but spec {spec} has no tensor scale")
+    fast = kernel_scales(X, spec, backend) if tensor is None else None
     if fast is not None:
         return fast
     lo, hi = group_range(X, spec, backend)
-    S = tensor_scale(torch.maximum(-lo, hi), spec)
+    S = tensor_scale(torch.maximum(-lo, hi), spec) if tensor is None else tensor.float().reshape(())
     best = scales_for_range(lo, hi, spec, S)
     clip = spec.scale.clip
     if not isinstance(clip, MSEClip) or X.numel() == 0:
