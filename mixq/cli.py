@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mixq
+from mixq import cli_ptq
 
 DEFAULT_SPECS = ("int8:channel,mxint8,fp8_e4m3:channel,mxfp8_e4m3,mxfp6_e3m2,int4:g32,mxfp4,nvfp4,nvint4,"
                  "nf4:g64")
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-embeddings", action="store_true", help="also study embedding tables")
     p.add_argument("--limit-layers", type=int, default=None, metavar="N",
                    help="study the first N layers only")
+    cli_ptq.add_parsers(sub, common)
     return parser
 
 
@@ -164,7 +166,12 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-COMMANDS = {"formats": cmd_formats, "study": cmd_study}
+COMMANDS = {
+    "formats": cmd_formats,
+    "study": cmd_study,
+    "quantize": lambda args: cli_ptq.cmd_quantize(args, _consoles, _quiet_transformers),
+    "eval": lambda args: cli_ptq.cmd_eval(args, _consoles, _quiet_transformers),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
