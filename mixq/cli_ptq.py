@@ -55,6 +55,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="run folder to write (not written if omitted)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--eval", action="store_true", help="also measure perplexity/KL afterwards")
+    p.add_argument("--kl-windows", type=int, default=None, metavar="N",
+                   help="with --eval: KL/top-1 on the first N test windows (default: all)")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout (only that)")
 
     p = sub.add_parser("eval", parents=[common], help="perplexity, KL and agreement of a model or run folder",
@@ -66,6 +68,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--reference", default=None, help="reference model for KL/agreement (default: the source)")
     p.add_argument("--no-reference", action="store_true", help="perplexity only")
+    p.add_argument("--kl-windows", type=int, default=None, metavar="N",
+                   help="KL/top-1 on the first N test windows (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout (only that)")
 
 
@@ -122,7 +126,7 @@ def cmd_quantize(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
         if args.eval:
             bar.update(task, description="evaluating", completed=0, total=None)
             evaluation = evaluate(args.out or args.model, model=outcome.model,
-                                  reference=args.model,
+                                  reference=args.model, agreement_windows=args.kl_windows,
                                   progress=lambda d, t: bar.update(task, completed=d, total=t))
     result = outcome.to_json()
     if evaluation is not None:
@@ -166,7 +170,7 @@ def _eval_line(e: Any) -> str:
     if e.ppl is not None:
         parts.append(f"perplexity {e.ppl:.3f} ({e.tokens} tokens)")
     if e.kl is not None:
-        parts.append(f"KL {e.kl:.4f}, top-1 agreement {e.top1:.4f} vs {e.reference}")
+        parts.append(f"KL {e.kl:.4f}, top-1 agreement {e.top1:.4f} vs {e.reference} ({e.kl_tokens} tokens)")
     if e.cosine is not None:
         parts.append(f"embedding cosine {e.cosine:.5f}, rel. MSE {e.rel_mse:.3g} vs {e.reference}")
     return " ".join(parts)
@@ -182,6 +186,7 @@ def cmd_eval(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
         task = bar.add_task("evaluating", total=None)
         result = evaluate(args.model, data=args.data, windows=args.windows, length=args.length,
                           reference=args.reference, compare=not args.no_reference,
+                          agreement_windows=args.kl_windows,
                           progress=lambda d, t: bar.update(task, completed=d, total=t))
     if args.json:
         print(json.dumps(result.to_json(), indent=1))

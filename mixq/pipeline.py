@@ -128,6 +128,7 @@ class Evaluation:
     tokens: int = 0
     kl: float | None = None
     top1: float | None = None
+    kl_tokens: int = 0
     reference: str | None = None
     cosine: float | None = None
     rel_mse: float | None = None
@@ -150,16 +151,17 @@ def is_encoder(model: nn.Module) -> bool:
 
 
 def evaluate(model_or_dir: str | os.PathLike[str], *, data: str = "wiki", windows: int = 32, length: int = 512,
-             reference: str | None = None, compare: bool = True, model: nn.Module | None = None,
-             progress: Callable[[int, int], None] | None = None) -> Evaluation:
+             reference: str | None = None, compare: bool = True, agreement_windows: int | None = None,
+             model: nn.Module | None = None, progress: Callable[[int, int], None] | None = None) -> Evaluation:
     """Perplexity (causal LMs) and agreement with a reference model on ``data``.
 
-    For a run folder the reference defaults to its source model; ``compare=False`` skips it. For an
+    For a run folder the reference defaults to its source model; ``compare=False`` skips it. KL and
+    top-1 agreement use the first ``agreement_windows`` test windows (all when None). For an
     encoder (e.g. MiniLM) the metric is the cosine similarity of mean-pooled sentence embeddings with
     the reference, on ``windows`` x 16 wiki sentences.
     """
     from mixq.eval.corpus import eval_windows
-    from mixq.eval.lm_metrics import embedding_agreement, encoder_batches, logit_agreement, perplexity
+    from mixq.eval.lm_metrics import embedding_agreement, encoder_batches, score
 
     t0 = time.perf_counter()
     source = None
@@ -181,10 +183,9 @@ def evaluate(model_or_dir: str | os.PathLike[str], *, data: str = "wiki", window
     else:
         _, test = token_source(data, tokenizer, length)
         win = eval_windows(test, windows, length)
-        ppl = perplexity(model, win, progress=progress)
+        ppl, agreement = score(model, win, ref, agreement_windows=agreement_windows, progress=progress)
         result.ppl, result.nll, result.tokens = ppl.ppl, ppl.nll, ppl.tokens
-        if ref is not None:
-            agreement = logit_agreement(model, ref, win)
-            result.kl, result.top1 = agreement.kl, agreement.top1
+        if agreement is not None:
+            result.kl, result.top1, result.kl_tokens = agreement.kl, agreement.top1, agreement.tokens
     result.seconds = time.perf_counter() - t0
     return result

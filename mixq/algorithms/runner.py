@@ -42,7 +42,7 @@ from mixq.model.fold import scale_input_channels, scale_output_channels
 from mixq.model.plan_match import ResolvedLayer, ResolvedPlan, count_bits, resolve
 from mixq.model.qmodules import inner, quantizers
 from mixq.model.quantizers import install_quantizers, untie_lm_head
-from mixq.model.tree import blocks, get_module, set_weight_matrix, weight_matrix
+from mixq.model.tree import blocks, get_module, input_matrix, set_weight_matrix, weight_matrix
 from mixq.plan import Plan, PlanError
 
 Progress = Callable[[str, int, int], None]
@@ -158,13 +158,15 @@ class _Walker:
                 mean=any(r.spec.options.bias_correction for r in members),
                 sample_rows=AWQ_SAMPLE_ROWS if any(r.spec.algorithm == "awq" or r.name in awq_first
                                                    for r in members) else 0)
+        # convs give im2col rows; grouped convs have no per-group Hessian (RTN, noted by resolve)
         modules = {rep: inner(get_module(self.model, rep)) for rep in stats}
+        modules = {rep: m for rep, m in modules.items() if getattr(m, "groups", 1) == 1}
         for q in quantizers(self.model):
             q.observing = False
         observed = [get_module(self.model, n).inputs for n in names if self.rows[n].spec.static_inputs]
         for q in observed:
             q.observing = True
-        with record_inputs(modules, lambda n, x: stats[n].add(x)):
+        with record_inputs(modules, lambda n, x: stats[n].add(input_matrix(modules[n], x))):
             run()
         for q in observed:
             q.observing = False
@@ -249,9 +251,9 @@ class _Walker:
         t0 = time.perf_counter()
         W0 = weight_matrix(module)  # [out, in] fp32
         W = W0
-        H = st.H if st is not None else None
         algorithm = spec.algorithm
         grouped = getattr(module, "groups", 1) > 1
+        H = st.H if st is not None and not grouped else None
         if grouped or (algorithm == "gptq" and H is None):
             algorithm = "rtn"  # grouped convs: noted by resolve(); GPTQ without data cannot run
         if algorithm == "gptq":

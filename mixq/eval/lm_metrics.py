@@ -73,19 +73,7 @@ def perplexity(model: nn.Module, windows: Tensor, *, progress: Progress | None =
     Every window contributes the NLL of tokens ``1..L-1``; ``ppl = exp(total_nll / total_tokens)`` with
     ``total_tokens = n * (L - 1)``. ``progress(done, total)`` is called after each window.
     """
-    windows = _check_windows(windows)
-    start = time.perf_counter()
-    total = 0.0
-    with torch.inference_mode():
-        for i, window in enumerate(windows):
-            logp = _log_probs(model, window)  # [L-1, V]
-            target = window[1:].to(logp.device)  # [L-1]
-            total -= float(logp.gather(1, target[:, None]).double().sum())
-            if progress is not None:
-                progress(i + 1, len(windows))
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    nll = total / tokens
-    return Perplexity(ppl=math.exp(nll), nll=nll, tokens=tokens, seconds=time.perf_counter() - start)
+    return score(model, windows, progress=progress)[0]
 
 
 def logit_agreement(model: nn.Module, reference: nn.Module, windows: Tensor, *,
@@ -96,19 +84,38 @@ def logit_agreement(model: nn.Module, reference: nn.Module, windows: Tensor, *,
     ``KL(p_ref || p_model) = sum_v p_ref (log p_ref - log p_model)`` and the fraction of positions
     where both argmax tokens are equal. Both models run on the same window, one window at a time.
     """
+    agreement = score(model, windows, reference, progress=progress)[1]
+    assert agreement is not None
+    return agreement
+
+
+def score(model: nn.Module, windows: Tensor, reference: nn.Module | None = None, *,
+          agreement_windows: int | None = None,
+          progress: Progress | None = None) -> tuple[Perplexity, Agreement | None]:
+    """Perplexity on all ``windows`` ([n, L]) and, with a ``reference``, agreement on the first
+    ``agreement_windows`` of them (all when None), from one forward pass of ``model`` per window."""
     windows = _check_windows(windows)
-    kl_sum, agree = 0.0, 0
+    k = windows.shape[0] if agreement_windows is None else min(agreement_windows, windows.shape[0])
+    start = time.perf_counter()
+    nll_sum, kl_sum, agree = 0.0, 0.0, 0
     with torch.inference_mode():
         for i, window in enumerate(windows):
             logq = _log_probs(model, window)  # [L-1, V]
-            logp = _log_probs(reference, window).to(logq.device)  # [L-1, V]
-            kl = (logp.exp() * (logp - logq)).sum(dim=-1)  # [L-1]
-            kl_sum += float(kl.double().sum())
-            agree += int((logq.argmax(dim=-1) == logp.argmax(dim=-1)).sum())
+            target = window[1:].to(logq.device)  # [L-1]
+            nll_sum -= float(logq.gather(1, target[:, None]).double().sum())
+            if reference is not None and i < k:
+                logp = _log_probs(reference, window).to(logq.device)  # [L-1, V]
+                kl_sum += float((logp.exp() * (logp - logq)).sum(dim=-1).double().sum())
+                agree += int((logq.argmax(dim=-1) == logp.argmax(dim=-1)).sum())
             if progress is not None:
                 progress(i + 1, len(windows))
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    return Agreement(kl=kl_sum / tokens, top1=agree / tokens, tokens=tokens)
+    per_window = windows.shape[1] - 1
+    tokens = windows.shape[0] * per_window
+    nll = nll_sum / tokens
+    ppl = Perplexity(ppl=math.exp(nll), nll=nll, tokens=tokens, seconds=time.perf_counter() - start)
+    if reference is None or k == 0:
+        return ppl, None
+    return ppl, Agreement(kl=kl_sum / (k * per_window), top1=agree / (k * per_window), tokens=k * per_window)
 
 
 def mean_pooled(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -131,6 +131,11 @@ def resolve(plan: Plan, model: nn.Module) -> ResolvedPlan:
     rows.extend(_attention_rows(plan, model, facts, used))
     names = [r.name for r in rows]
     warnings = [_unmatched(plan.rules[i].pattern, names) for i in range(len(plan.rules)) if i not in used]
+    kv_given = {r.rule for r in rows if r.kind == "attention"}
+    warnings += [f"rule {rule.pattern!r} gives a KV-cache spec that no attention module takes from it (KV "
+                 f"specs apply to the blocks' {facts.attention!r} modules); its kv is not applied"
+                 for i, rule in enumerate(plan.rules)
+                 if rule.spec.kv is not None and i in used and i not in kv_given]
     return ResolvedPlan(plan, tuple(rows), tuple(warnings))
 
 
