@@ -39,7 +39,7 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _k():
+def _module():
     """The compiled kernels module (imports numba on first use only).
 
     numba's first parallel launch resets the size of torch's OpenMP thread pool (they share the
@@ -52,6 +52,16 @@ def _k():
     _numba_kernels.row_absmax(np.zeros((1, 1), np.float32), np.zeros(1, np.float32))
     torch.set_num_threads(threads)
     return _numba_kernels
+
+
+def _k():
+    """The kernels, with numba's thread count capped at torch's (more threads than torch uses spin
+    idle between calls and cost ~8x the CPU of a call on a loaded 2-core machine)."""
+    module = _module()
+    import numba
+
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
+    return module
 
 
 def _usable(X: torch.Tensor, required: bool) -> bool:

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixq.algorithms.awq import AWQError, AWQResult, _unit_errors, awq_clip, awq_search
-from mixq.quant import fake_quantize
+from mixq.algorithms.awq import (AWQError, AWQResult, _factor_for, _quantize_stack, _row_sq_errors,
+                                 _rows_independent, _unit_errors, awq_clip, awq_factor, awq_search)
+from mixq.quant import QuantSpec, fake_quantize
 
 N, IN, OUT = 384, 256, 96
 OUTLIERS = [5, 70, 131, 200]
@@ -51,7 +52,7 @@ def test_awq_beats_rtn_on_outlier_channels(spec):
     assert set(r.scales.topk(len(OUTLIERS)).indices.tolist()) == set(OUTLIERS)
 
 
-@pytest.mark.parametrize("spec", ["int4:g64", "int4:channel", "int4:g64:asym"])
+@pytest.mark.parametrize("spec", ["int4:g64", "int4:channel", "int4:g64:asym", "nvfp4", "int4"])
 def test_reported_losses_match_oracle(spec):
     X, Ws = outlier_data(1)
     count = X.shape[0] * sum(W.shape[0] for W in Ws)
@@ -70,8 +71,10 @@ def test_alpha_zero_is_plain_rtn():
 
 
 def test_gram_and_direct_paths_agree():
-    """n > in uses X^T X, n < in uses X: both give the same loss (same data, rows duplicated)."""
+    """Many rows use QR's triangular R, few rows use X: both give the same loss (rows duplicated)."""
     X, Ws = outlier_data(3, n=128)
+    rows = 6 * sum(W.shape[0] for W in Ws)
+    assert _factor_for(X, rows, None)[1] is False and _factor_for(X.repeat(4, 1), rows, None)[1] is True
     small = awq_search(X, Ws, "int3:g64", grid=6)
     big = awq_search(X.repeat(4, 1), Ws, "int3:g64", grid=6)  # 512 rows > 256 inputs: the Gram path
     assert big.alpha == small.alpha
@@ -107,6 +110,8 @@ def test_awq_errors():
         awq_search(bad, Ws, "int4:g64")
     with pytest.raises(AWQError, match="max_shrink"):
         awq_clip(Ws[0], X, "int4:g64", max_shrink=1.0)
+    with pytest.raises(AWQError, match=r"factor must be \[k, 256\]"):
+        awq_search(X, Ws, "int4:g64", factor=torch.eye(100))
 
 
 def heavy_tailed(seed: int, out: int = OUT) -> torch.Tensor:
@@ -155,7 +160,7 @@ def test_clip_search_alone_helps(spec, monkeypatch):
     """With the final safety check disabled, the per-group search must still cut the output error
     (it is measured against the float W, not against the clamped weight)."""
     import mixq.algorithms.awq as awq_module
-    monkeypatch.setattr(awq_module, "_never_worse", lambda W, C, X, spec: C)
+    monkeypatch.setattr(awq_module, "_never_worse", lambda W, C, *rest: C)
     X, Ws = outlier_data(11)
     C = awq_clip(Ws[0], X, spec, grid=10)
     assert out_err(X, Ws[0], fake_quantize(C, spec)) < 0.5 * out_err(X, Ws[0], fake_quantize(Ws[0], spec))
@@ -175,3 +180,69 @@ def test_unit_errors_oracle():
     grams = X3.permute(1, 2, 0) @ X3.transpose(0, 1)
     assert torch.allclose(_unit_errors(X3, None, E), want, rtol=1e-4, atol=1e-4)
     assert torch.allclose(_unit_errors(X3, grams, E), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [40, 256, 700])
+def test_factor_and_row_errors_oracle(n):
+    """F^T F = X^T X; per-row output errors through F (triangular or not) match a literal fp64 loop,
+    also for F / s as the factor of X / s."""
+    X, Ws = outlier_data(12, n=n)
+    F = awq_factor(X)
+    assert F.dtype == torch.float32 and F.shape == ((IN, IN) if n > IN else (n, IN))
+    if n > IN:
+        assert not bool(F.tril(-1).any())
+    H = X.double().T @ X.double()
+    assert torch.allclose(F.double().T @ F.double(), H, rtol=1e-4, atol=1e-3 * float(H.abs().max()))
+    s = torch.rand(IN, generator=torch.Generator().manual_seed(13)) + 0.5
+    D = Ws[0] - fake_quantize(Ws[0], "int4:g64")
+    for Xf, Ff in ((X, F), (X / s, F / s)):
+        Fc, tri = _factor_for(Xf, 10**6, Ff)
+        assert tri == (n > IN)
+        want = ((Xf.double() @ D.double().T) ** 2).sum(dim=0)  # [out]
+        assert torch.allclose(_row_sq_errors(Fc, tri, D).double(), want, rtol=1e-4)
+
+
+def test_shared_factor_gives_same_results():
+    """A factor computed once and passed to the search and (scaled) to the clips changes nothing."""
+    X, Ws = outlier_data(14, n=1024)
+    F = awq_factor(X)
+    r0, r1 = awq_search(X, Ws, "int4:g64"), awq_search(X, Ws, "int4:g64", factor=F)
+    assert r1.alpha == r0.alpha and torch.equal(r1.scales, r0.scales)
+    assert r1.loss == pytest.approx(r0.loss, rel=1e-5)
+    assert r1.loss_before == pytest.approx(r0.loss_before, rel=1e-5)
+    Xs = X / r0.scales
+    for W in (Ws[0] * r0.scales, heavy_tailed(15) * r0.scales):
+        C0, C1 = awq_clip(W, Xs, "int3:g64"), awq_clip(W, Xs, "int3:g64", factor=F / r0.scales)
+        e0, e1 = out_err(Xs, W, fake_quantize(C0, "int3:g64")), out_err(Xs, W, fake_quantize(C1, "int3:g64"))
+        assert e1 == pytest.approx(e0, rel=1e-4) and e1 < out_err(Xs, W, fake_quantize(W, "int3:g64"))
+
+
+@pytest.mark.parametrize("spec", CLIP_SPECS + ["int4:token", "int8:g32:mse"])
+def test_quantize_stack_equals_separate_calls(spec):
+    """Stacked candidates quantize exactly as separate matrices, in one call or one per matrix."""
+    spec = QuantSpec.parse(spec)
+    g = torch.Generator().manual_seed(16)
+    A = torch.randn(3, 96 + 48, IN, generator=g) * torch.rand(3, 1, 1, generator=g) * 4  # [b, rows, in]
+    got = _quantize_stack(A, spec, [96, 48])
+    want = torch.stack([torch.cat([fake_quantize(a[:96], spec), fake_quantize(a[96:], spec)]) for a in A])
+    assert torch.equal(got, want)
+    coupled = str(spec) in ("nvfp4", "int4", "int4:b16x16")  # tensor scale, one group, 16-row tiles
+    assert _rows_independent(spec) is not coupled
+
+
+def test_stochastic_rounding_is_never_stacked():
+    assert not _rows_independent(QuantSpec.parse("int4:g64:sr"))
+
+
+@pytest.mark.parametrize("spec", ["int4:g64", "nvfp4"])
+def test_stack_budget_does_not_change_results(spec, monkeypatch):
+    """Quantizing one candidate per call (budget 1) or a few per call gives the same search and clip."""
+    import mixq.algorithms.awq as awq_module
+    X, Ws = outlier_data(17)
+    r0, C0 = awq_search(X, Ws, spec, grid=7), awq_clip(Ws[0], X, spec, grid=7)
+    for budget in (1, 3 * Ws[0].numel()):
+        monkeypatch.setattr(awq_module, "STACK_ELEMENTS", budget)
+        r1 = awq_search(X, Ws, spec, grid=7)
+        assert r1.alpha == r0.alpha and torch.equal(r1.scales, r0.scales)
+        assert r1.loss == pytest.approx(r0.loss, rel=1e-6)
+        assert torch.equal(awq_clip(Ws[0], X, spec, grid=7), C0)
