@@ -33,9 +33,17 @@ MINILM_ROWS["W8A8 fp8"] = ["--spec", "fp8_e4m3:channel", "--inputs", "fp8_e4m3:t
 CNN_SPECS = ("int8:channel", "int4:channel", "fp8_e4m3:channel", "int4:channel:mse")
 
 
-def minilm(out_rows: dict, threads: int) -> None:
+def save(path: Path, rows: dict) -> None:
+    from mixq.fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+
+
+def minilm(out_rows: dict, threads: int, rows: list[str] | None, path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for name, extra in MINILM_ROWS.items():
+        if rows and name not in rows:
+            continue
         cmd = [sys.executable, "-m", "mixq", "quantize", "minilm", *extra, "--length", "128", "--eval", "--json"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -46,10 +54,11 @@ def minilm(out_rows: dict, threads: int) -> None:
                    "bits": d["bits"]["quantized_bits_per_weight"], "quantize_s": d["wall_s"],
                    "peak_rss_mb": d["peak_rss_mb"]}
         out_rows[f"minilm {name}"] = row
+        save(path, out_rows)
         print(json.dumps(row), flush=True)
 
 
-def efficientnet(out_rows: dict) -> None:
+def efficientnet(out_rows: dict, specs: list[str] | None, path: Path) -> None:
     from mixq.algorithms.runner import quantize_model
     from mixq.eval.vision import sample_images, top1_agreement
     from mixq.model.vision import load_efficientnet_lite0
@@ -59,7 +68,7 @@ def efficientnet(out_rows: dict) -> None:
     reference = load_efficientnet_lite0()
     calib = sample_images(64, seed=0)
     test = sample_images(256, seed=1)
-    for spec in CNN_SPECS:
+    for spec in [s for s in CNN_SPECS if not specs or s in specs]:
         for alg in ("rtn", "gptq"):
             model = copy.deepcopy(reference)
             plan = Plan.uniform(LayerSpec(weights=QuantSpec.parse(spec), algorithm=alg), keep=())
@@ -71,27 +80,26 @@ def efficientnet(out_rows: dict) -> None:
                    "bits": report.bits["quantized_bits_per_weight"], "quantize_s": seconds,
                    "rtn_fallback_layers": sum(1 for r in report.layers if r.algorithm != alg)}
             out_rows[f"efficientnet {spec} {alg}"] = row
+            save(path, out_rows)
             print(json.dumps(row), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("minilm", "efficientnet"), default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", nargs="*", default=None, help="MiniLM row names / CNN specs to run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     path = args.out / "ptq-other-models.json"
     rows: dict = json.loads(path.read_text()) if path.is_file() else {}
     if args.only in (None, "minilm"):
-        minilm(rows, args.threads)
+        minilm(rows, args.threads, args.rows, path)
     if args.only in (None, "efficientnet"):
         import torch
 
         torch.set_num_threads(args.threads)
-        efficientnet(rows)
-    from mixq.fileio import atomic_write_text
-
-    atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+        efficientnet(rows, args.rows, path)
     print(f"wrote {path}")
 
 

@@ -29,6 +29,8 @@ ROWS: dict[str, list[str]] = {}
 for _alg in ("rtn", "gptq", "awq"):
     for _label, _spec in W4.items():
         ROWS[f"{_label} {_alg}"] = ["--spec", _spec, "--algorithm", _alg]
+ROWS["int4:g64:mse gptq"] = ["--spec", "int4:g64:mse", "--algorithm", "gptq"]
+ROWS["int4:g64 gptq static-groups"] = ["--spec", "int4:g64", "--algorithm", "gptq", "--static-groups"]
 for _spec in ("mxfp4", "nvfp4"):
     for _alg in ("rtn", "gptq"):
         ROWS[f"{_spec} {_alg}"] = ["--spec", _spec, "--algorithm", _alg]
@@ -55,7 +57,7 @@ def row_of(name: str, result: dict) -> dict:
     bits = result.get("bits", {})
     return {"name": name, "ppl": ev.get("ppl"), "kl": ev.get("kl"), "top1": ev.get("top1"),
             "bits": bits.get("quantized_bits_per_weight"), "bits_all": bits.get("bits_per_weight"),
-            "quantize_s": result.get("wall_s"), "peak_rss_mb": result.get("peak_rss_mb"),
+            "quantize_s": result.get("wall_s"), "quantize_cpu_s": result.get("cpu_s"), "peak_rss_mb": result.get("peak_rss_mb"),
             "process_s": result.get("process_s")}
 
 
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--kl-windows", type=int, default=8, help="test windows for KL / top-1 (ppl: all 32)")
     parser.add_argument("--tag", default="", help="suffix of the result files (for runs in parallel)")
+    parser.add_argument("--reverse", action="store_true", help="run the selected rows last to first")
     parser.add_argument("--merge", action="store_true", help="only merge ptq-MODEL*.json files into ptq-MODEL.md")
     args = parser.parse_args()
     if args.merge:
@@ -110,6 +113,8 @@ def main() -> None:
     names = ["fp32", *ROWS]
     if args.only:
         names = [n for n in names if any(o in n for o in args.only)]
+    if args.reverse:
+        names.reverse()
     path = args.out / f"ptq-{args.model}{args.tag}.json"
     previous = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
     for name in names:

@@ -43,6 +43,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="offline rotation of the residual stream, folded into the weights")
     p.add_argument("--rotate-seed", type=int, default=None, help="random signs / matrix of --rotate")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true",
+                   help="GPTQ: group scales from the original weights up front (llm-compressor's default)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (fraction of mean diag H)")
     p.add_argument("--bias-correction", action="store_true", help="fold the mean output error into biases")
     p.add_argument("--salient", type=float, default=0.0, metavar="FRACTION",
@@ -83,7 +85,7 @@ def build_plan(args: argparse.Namespace) -> Any:
     hadamard = 0
     if args.hadamard is not None:
         hadamard = -1 if args.hadamard == "auto" else int(args.hadamard)
-    options = Options(act_order=args.act_order, damp=args.damp, smooth_alpha=args.smooth, hadamard=hadamard,
+    options = Options(act_order=args.act_order, static_groups=args.static_groups, damp=args.damp, smooth_alpha=args.smooth, hadamard=hadamard,
                       hadamard_seed=args.hadamard_seed, bias_correction=args.bias_correction,
                       salient=args.salient)
     spec = LayerSpec(

@@ -36,9 +36,11 @@ class QuantizeOutcome:
     peak_rss_mb: float
     load_seconds: float
     calib_seconds: float
+    cpu_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out) if self.out else None, "wall_s": self.report.seconds,
+                "cpu_s": self.cpu_seconds,
                 "peak_rss_mb": self.peak_rss_mb, "load_s": self.load_seconds,
                 "calib_tokenize_s": self.calib_seconds, **self.report.to_json()}
 
@@ -106,15 +108,17 @@ def quantize(model_name: str, plan: Plan, *, calib: str | None = "wiki", samples
         say(f"calibration: {samples} x {length} tokens from {calib}")
         tokens = calibration_tokens(tokenizer, calib, samples, length, seed)
     calib_s = time.perf_counter() - t1
+    cpu0 = time.process_time()
     report = quantize_model(model, resolved, tokens, batch_size=batch_size, rotate=rotate,
                             rotate_seed=rotate_seed, progress=progress)
+    cpu_s = time.process_time() - cpu0
     saved = None
     if out is not None:
         meta = {"model": model_name, "rotate": rotate, "rotate_seed": rotate_seed,
                 "report": report.to_json()}
         saved = save_quantized(model, tokenizer, resolved, out, source=resolve(model_name), meta=meta,
                                overwrite=overwrite)
-    return QuantizeOutcome(report, model, tokenizer, saved, peak_rss_mb(), load_s, calib_s)
+    return QuantizeOutcome(report, model, tokenizer, saved, peak_rss_mb(), load_s, calib_s, cpu_s)
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from mixq.algorithms.bias_correction import corrected_bias
 from mixq.algorithms.gptq import gptq
 from mixq.algorithms.hessian import layer_loss
 from mixq.algorithms.layer_stats import LayerStats
+from mixq.algorithms.report import LayerReport, QuantizeReport
 from mixq.algorithms.rtn import rtn
 from mixq.algorithms.salient import salient_rows
 from mixq.algorithms.smoothquant import smooth_factors
@@ -47,38 +47,6 @@ from mixq.plan import Plan, PlanError
 
 Progress = Callable[[str, int, int], None]
 AWQ_SAMPLE_ROWS = 4096
-
-
-@dataclass
-class LayerReport:
-    """What happened to one layer: spec, algorithm used, proxy losses (GPTQ's ``tr(E H E^T)``)."""
-
-    name: str
-    spec: str
-    algorithm: str
-    bits_per_weight: float
-    loss: float | None = None
-    rtn_loss: float | None = None
-    error: float = 0.0
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class QuantizeReport:
-    """The result of :func:`quantize_model`: per-layer rows, honest bits, time and warnings."""
-
-    layers: list[LayerReport]
-    bits: dict[str, float]
-    seconds: float
-    calibration: dict[str, Any]
-    warnings: list[str]
-    rotation: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"bits": self.bits, "seconds": self.seconds, "calibration": self.calibration,
-                "warnings": self.warnings, "rotation": self.rotation,
-                "layers": [vars(r) for r in self.layers]}
 
 
 def default_forward(model: nn.Module, batch: Tensor) -> Any:
