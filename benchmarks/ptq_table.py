@@ -29,7 +29,9 @@ ROWS: dict[str, list[str]] = {}
 for _alg in ("rtn", "gptq", "awq"):
     for _label, _spec in W4.items():
         ROWS[f"{_label} {_alg}"] = ["--spec", _spec, "--algorithm", _alg]
-ROWS["int4:g64:mse gptq"] = ["--spec", "int4:g64:mse", "--algorithm", "gptq"]
+for _spec in ("int4:g64:mse", "int4:channel:mse"):
+    for _alg in ("rtn", "gptq"):
+        ROWS[f"{_spec} {_alg}"] = ["--spec", _spec, "--algorithm", _alg]
 ROWS["int4:g64 gptq static-groups"] = ["--spec", "int4:g64", "--algorithm", "gptq", "--static-groups"]
 for _spec in ("mxfp4", "nvfp4"):
     for _alg in ("rtn", "gptq"):
@@ -74,7 +76,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             out.append(f"| {r['name']} | error: {r['error']} | | | | | | |")
             continue
         out.append(f"| {r['name']} | {f(r['ppl'], '.3f')} | {f(r['kl'], '.4f')} | {f(r['top1'], '.3f')} | "
-                   f"{f(r['bits'], '.3f')} | {f(r['bits_all'], '.3f')} | {f(r['quantize_s'], '.1f')} | "
+                   f"{f(r['bits'] or None, '.3f')} | {f(r['bits_all'], '.3f')} | {f(r['quantize_s'], '.1f')} | "
                    f"{f(r['peak_rss_mb'], '.0f')} |")
     return "\n".join(out) + "\n"
 
