@@ -89,7 +89,7 @@ class _Walker:
         self.batch_size = batch_size
         self.forward = forward
         self.progress = progress or (lambda stage, done, total: None)
-        self.reports: list[LayerReport] = []
+        self.reports: dict[str, LayerReport] = {}
         self.facts: ArchFacts = arch_facts(model)
 
     # --- calibration data ----------------------------------------------------------------------
@@ -256,13 +256,11 @@ class _Walker:
         report.seconds = time.perf_counter() - t0
 
     def report_for(self, name: str) -> LayerReport:
-        for r in self.reports:
-            if r.name == name:
-                return r
-        row = self.rows[name]
-        r = LayerReport(name, row.spec.describe(), row.spec.algorithm, 0.0, notes=list(row.notes))
-        self.reports.append(r)
-        return r
+        if name not in self.reports:
+            row = self.rows[name]
+            self.reports[name] = LayerReport(name, row.spec.describe(), row.spec.algorithm, 0.0,
+                                             notes=list(row.notes))
+        return self.reports[name]
 
     def note(self, name: str, text: str) -> None:
         self.report_for(name).notes.append(text)
@@ -322,12 +320,12 @@ def quantize_model(model: nn.Module, plan: Plan | ResolvedPlan, calib: Tensor | 
         for q in quantizers(model):
             q.enabled = True
     bits = count_bits(resolved)
-    for r in walker.reports:
+    for r in walker.reports.values():
         row = walker.rows[r.name]
         r.bits_per_weight = count_bits(ResolvedPlan(resolved.plan, (row,))).get("quantized_bits_per_weight", 0.0)
     calibration = {"samples": int(calib.shape[0]) if calib is not None else 0,
                    "shape": list(calib.shape) if calib is not None else None}
-    return QuantizeReport(walker.reports, bits, time.perf_counter() - t0, calibration,
+    return QuantizeReport(list(walker.reports.values()), bits, time.perf_counter() - t0, calibration,
                           list(resolved.warnings), rotation)
 
 

@@ -11,12 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mixq.model.arch import NORM_KINDS, ArchitectureError
-from mixq.model.weights import _conv1d_class
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    cls = _conv1d_class()
-    return cls is not None and isinstance(module, cls)
+from mixq.model.tree import is_hf_conv1d
 
 
 def _check_scale(s: Tensor, n: int, what: str) -> Tensor:
@@ -40,8 +35,8 @@ def scale_output_channels(prev: nn.Module, s: Tensor, norm_kind: str) -> None:
     given by ``norm_kind`` (class names are not inspected): "rms" (``w / s``), "layer"
     (``w / s``, ``b / s``) or "rms_plus_one" (Gemma, output ``x * (1 + w)``: ``w <- (1 + w) / s - 1``).
     """
-    if isinstance(prev, nn.Linear) or _is_hf_conv1d(prev):
-        conv1d = _is_hf_conv1d(prev)
+    if isinstance(prev, nn.Linear) or is_hf_conv1d(prev):
+        conv1d = is_hf_conv1d(prev)
         W = prev.weight.detach().float()  # Linear [out, in]; Conv1D [in, out]
         n_out = W.shape[1] if conv1d else W.shape[0]
         s = _check_scale(s, n_out, type(prev).__name__).to(W.device)
@@ -70,7 +65,7 @@ def scale_input_channels(linear: nn.Module, s: Tensor) -> None:
     groups == 1 ``[out, in, *k]``: input channel j.
     """
     W = linear.weight.detach().float()
-    if _is_hf_conv1d(linear):
+    if is_hf_conv1d(linear):
         s = _check_scale(s, W.shape[0], "Conv1D").to(W.device)
         _write(linear.weight, W * s[:, None])
     elif isinstance(linear, nn.Linear):

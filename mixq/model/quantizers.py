@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mixq.algorithms.hadamard import block_hadamard, random_signs
+from mixq.model import rotate
 from mixq.model.arch import arch_facts
 from mixq.model.plan_match import ResolvedPlan
 from mixq.model.qmodules import ActQuantizer, wrap
@@ -18,31 +19,18 @@ from mixq.model.tree import get_module, set_weight_matrix, weight_matrix
 
 
 def untie_lm_head(model: nn.Module, resolved: ResolvedPlan) -> bool:
-    """Give a quantized LM head its own weight when it shares the embedding's; True if untied.
+    """Give the LM head its own weight when the plan quantizes it and it shares the embedding's.
 
-    The embedding keeps its full-precision table; ``config.tie_word_embeddings`` is set to False so
-    that a saved copy reloads untied.
+    The embedding keeps its full-precision table; ``config.tie_word_embeddings`` becomes False so that
+    a saved copy reloads untied. Returns True if it untied.
     """
     facts = arch_facts(model)
     if facts.lm_head is None or facts.embeddings is None:
         return False
     row = resolved.by_name().get(facts.lm_head)
-    head = get_module(model, facts.lm_head)
-    emb = get_module(model, facts.embeddings)
-    if row is None or row.spec.weights is None or head.weight is not emb.weight:
+    if row is None or row.spec.weights is None:
         return False
-    head.weight = nn.Parameter(head.weight.detach().clone())
-    _untie_config(model)
-    return True
-
-
-def _untie_config(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "tie_word_embeddings"):
-        config.tie_word_embeddings = False
-        text = getattr(config, "get_text_config", None)
-        if callable(text):
-            text().tie_word_embeddings = False
+    return rotate.untie_lm_head(model, facts)
 
 
 def hadamard_signs(in_features: int, seed: int | None) -> torch.Tensor | None:

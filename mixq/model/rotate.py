@@ -129,6 +129,9 @@ def untie_lm_head(model: nn.Module, facts: ArchFacts) -> bool:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "tie_word_embeddings"):
         config.tie_word_embeddings = False
+        text = getattr(config, "get_text_config", None)
+        if callable(text):
+            text().tie_word_embeddings = False
     return True
 
 

@@ -28,7 +28,7 @@ from torch import nn
 import mixq
 from mixq.model.load import ModelLoadError, load_model
 from mixq.model.plan_match import ResolvedPlan, resolve
-from mixq.model.qmodules import ActQuantizer, unwrap, wrap
+from mixq.model.qmodules import ActQuantizer, QuantLinear, unwrap, wrap
 from mixq.model.quantizers import install_quantizers
 from mixq.plan import Plan
 
@@ -53,7 +53,7 @@ def check_target(out: Path, source: Path | None, overwrite: bool) -> None:
 
 
 def _wrappers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def save_quantized(model: nn.Module, tokenizer: Any, resolved: ResolvedPlan, out: str | os.PathLike[str], *,

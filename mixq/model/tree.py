@@ -19,7 +19,8 @@ from mixq.model.arch import ArchFacts, ArchitectureError
 from mixq.model.weights import _conv1d_class
 
 
-def _is_conv1d_hf(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' Conv1D (GPT-2 style: weight stored ``[in, out]``)."""
     cls = _conv1d_class()
     return cls is not None and isinstance(module, cls)
 
@@ -46,7 +47,7 @@ def weight_matrix(module: nn.Module) -> Tensor:
     """The weight as a new fp32 tensor ``[out, in_flat]`` (a copy: write back with set_weight_matrix)."""
     _check(module)
     w = module.weight.detach()
-    if _is_conv1d_hf(module):
+    if is_hf_conv1d(module):
         return w.t().float().clone()  # [in, out] -> [out, in]
     return w.reshape(w.shape[0], -1).float().clone()  # [out, in] or [out, in/groups * prod(k)]
 
@@ -55,11 +56,11 @@ def set_weight_matrix(module: nn.Module, W: Tensor) -> None:
     """Write ``W`` ``[out, in_flat]`` (any float dtype) into the module in place, keeping its dtype."""
     _check(module)
     w = module.weight
-    expected = (w.shape[1], w.shape[0]) if _is_conv1d_hf(module) else (w.shape[0], w[0].numel())
+    expected = (w.shape[1], w.shape[0]) if is_hf_conv1d(module) else (w.shape[0], w[0].numel())
     if tuple(W.shape) != expected:
         raise ValueError(f"weight matrix of {type(module).__name__} must be {list(expected)}, "
                          f"found {list(W.shape)}")
-    new = W.t() if _is_conv1d_hf(module) else W.reshape(w.shape)
+    new = W.t() if is_hf_conv1d(module) else W.reshape(w.shape)
     with torch.no_grad():
         w.copy_(new.to(device=w.device, dtype=w.dtype))
 
@@ -107,7 +108,7 @@ def input_matrix(module: nn.Module, x: Tensor) -> Tensor:
             raise ArchitectureError(f"per-group Hessian not supported: {type(module).__name__} has "
                                     f"groups={module.groups}, expected groups=1")
         return _unfold(module, x.float())
-    n_in = module.weight.shape[0] if _is_conv1d_hf(module) else module.weight.shape[1]
+    n_in = module.weight.shape[0] if is_hf_conv1d(module) else module.weight.shape[1]
     return x.reshape(-1, n_in).float()
 
 
