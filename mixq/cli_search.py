@@ -99,7 +99,10 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     _common_search(p)
     p.add_argument("--budgets", required=True, help="comma-separated bits/weight budgets, e.g. 3.5,4.25,5")
     p.add_argument("--families", default="joint", help="some of joint,int,float (default joint)")
-    p.add_argument("--measure", action="store_true", help="quantize and evaluate every plan")
+    p.add_argument("--measure", action="store_true", help="quantize and evaluate the plans")
+    p.add_argument("--measure-uniform", choices=("all", "budget", "none"), default="budget",
+                   help="uniform candidates measured with --measure: all, those within the largest budget "
+                        "(default), or none; keep (the unquantized model) is always measured")
     p.add_argument("--eval-windows", type=int, default=32, help="test windows per evaluation (default 32)")
     p.add_argument("--calib", default=None, help="calibration/eval source (default: the profile's)")
     p.add_argument("--samples", type=int, default=64,
@@ -283,6 +286,7 @@ def cmd_frontier(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
         result = frontier(table, budgets, families=_items(args.families) or [], measure=args.measure,
                           model_name=args.model, eval_windows=args.eval_windows, calib=args.calib,
                           calib_samples=args.samples, length=args.length, batch_size=args.batch_size,
+                          measure_uniform=args.measure_uniform,
                           progress=_progress(bar, task), status=status, **kwargs)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False))

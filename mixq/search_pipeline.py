@@ -429,13 +429,17 @@ def frontier(table: SensitivityTable, budgets: Sequence[float], *, metric: str =
              candidates: Sequence[str] | None = None, pins: Mapping[str, str] | None = None, tie: bool = True,
              constraints: str | os.PathLike[str] | None = None, latency: float | None = None,
              latency_table: str | os.PathLike[str] | None = None, bops: float | None = None,
-             method: str = "milp", time_limit: float = 30.0, out: str | os.PathLike[str] | None = None,
+             method: str = "milp", time_limit: float = 30.0, measure_uniform: str = "budget",
+             out: str | os.PathLike[str] | None = None,
              overwrite: bool = False, progress: Progress | None = None,
              status: Status | None = None) -> FrontierResult:
     """Searched plans at each bits/weight budget for each family, plus every uniform candidate.
 
     With ``measure``, each plan is quantized (``algorithm``, ``calib_samples`` windows of ``length`` tokens
     of ``calib``; defaults: the profile's source and length) and evaluated on ``eval_windows`` test windows.
+    ``measure_uniform``: which uniform candidates are measured too: ``all``, ``budget`` (those with at
+    most the largest budget's bits per weight, the ones a searched plan is compared with, and ``keep``)
+    or ``none`` (``keep`` only).
     ``out``: folder receiving frontier.json, frontier.md, frontier.png, plans/LABEL.yaml and
     allocation/LABEL.png (one heat map per searched plan).
     """
@@ -450,6 +454,8 @@ def frontier(table: SensitivityTable, budgets: Sequence[float], *, metric: str =
     if not budgets or budgets[0] <= 0:
         raise ValueError(f"expected positive bits/weight budgets, found {budgets or 'none'}")
     _positive(eval_windows=eval_windows, calib_samples=calib_samples, batch_size=batch_size)
+    if measure_uniform not in ("all", "budget", "none"):
+        raise ValueError(f"expected measure_uniform all, budget or none, found {measure_uniform!r}")
     if out is not None:
         check_target(Path(out), None, overwrite)
     problem = build_problem(table, metric, candidates=candidates, latency=latency,
@@ -494,7 +500,14 @@ def frontier(table: SensitivityTable, budgets: Sequence[float], *, metric: str =
         source = calib or str(table.meta.get("calibration") or "wiki")
         window = int(length or table.meta.get("length") or 512)
         done: dict[str, dict[str, Any]] = {}  # plan text -> measurement (identical plans measured once)
+        def wanted(point: dict[str, Any]) -> bool:
+            if point["family"] != "uniform" or point["label"] == "keep" or measure_uniform == "all":
+                return True
+            return measure_uniform == "budget" and point["bits_per_weight"] <= budgets[-1] + 1e-9
+
         for i, point in enumerate(points):
+            if not wanted(point):
+                continue
             text = plans[point["label"]].dumps()
             if text not in done:
                 say(f"measuring {point['label']} ({i + 1}/{len(points)})")
@@ -506,14 +519,15 @@ def frontier(table: SensitivityTable, budgets: Sequence[float], *, metric: str =
             point.update({k: done[text][k] for k in ("measured", "ppl", "quantize_s", "eval_s")})
     by_label = {p["label"]: p for p in points}
     key = "measured" if measure else "predicted"
-    front = pareto([p for _, p in entries], key=lambda fp: by_label[fp.label][key])
+    front = pareto([p for _, p in entries if by_label[p.label][key] is not None],
+                   key=lambda fp: by_label[fp.label][key])
     for fp in front:
         by_label[fp.label]["pareto"] = True
     for p in points:
         p.setdefault("pareto", False)
     spearman = None
     if measure:
-        pairs = [(p["predicted"], p["measured"]) for p in points]
+        pairs = [(p["predicted"], p["measured"]) for p in points if p["measured"] is not None]
         spearman = rank_correlation([a for a, _ in pairs], [b for _, b in pairs])
     result = FrontierResult(table.model, metric, algorithm, method, budgets, fams, points, measured_name,
                             spearman, notes, table.validation)

@@ -112,11 +112,11 @@ def frontier_plot(points: Sequence[Mapping[str, Any]], path: Path, *, measured_n
                   title: str | None = None) -> Path:
     """Save the frontier as a PNG at ``path``; returns ``path``.
 
-    x: bits per weight over the profiled layers. y: the measured value (log scale) when every point has
-    one, else the predicted degradation (log scale, symlog when a point predicts 0). One line with
+    x: bits per weight over the profiled layers. y: the measured value (log scale) when any point has
+    one (points without a measurement are left out), else the predicted degradation (log scale, symlog when a point predicts 0). One line with
     markers per searched family, sorted by bits; uniform candidates as labelled points.
     """
-    measured = bool(points) and all(p.get("measured") is not None for p in points)
+    measured = any(p.get("measured") is not None for p in points)
     fig = _canvas(10, 6.5)
     ax = fig.add_subplot()
     for family, style in FAMILY_STYLE.items():
