@@ -271,7 +271,8 @@ def cmd_search(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
 
 def cmd_frontier(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     """``mixq frontier``: searched plans per budget and family plus uniform points; optional measurement."""
-    from mixq.search_pipeline import check_profile_model, frontier
+    from mixq.frontier_pipeline import frontier
+    from mixq.search_pipeline import check_profile_model
 
     kwargs = _search_kwargs(args)
     budgets = _budgets(args.budgets)
