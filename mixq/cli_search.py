@@ -88,6 +88,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "within the budgets (multiple-choice knapsack ILP); writes a plan.",
                        epilog=SEARCH_EXAMPLE, formatter_class=fmt)
     _common_search(p)
+    p.add_argument("--layers", action="store_true", help="print every layer's choice (default: per layer role)")
     p.add_argument("--budget", type=float, default=None, metavar="BITS",
                    help="bits per weight over the profiled layers, every scale counted")
 
@@ -224,6 +225,26 @@ def _summarize_notes(notes: list[str], candidates: list[str]) -> list[str]:
     return lines + rest
 
 
+def _allocation_summary(rows: list[dict[str, Any]], title: str) -> Any:
+    """A table with one row per layer role (the name without its block prefix, e.g. ``mlp.down_proj``):
+    how many of its layers took each candidate."""
+    from rich.table import Table
+
+    from mixq.eval.search_report import block_and_role
+
+    by_role: dict[str, dict[str, int]] = {}
+    for r in rows:
+        _, role = block_and_role(r["name"])
+        by_role.setdefault(role, {})
+        by_role[role][r["candidate"]] = by_role[role].get(r["candidate"], 0) + 1
+    t = Table(title=title + " (--layers for every layer)")
+    t.add_column("layer role")
+    t.add_column("candidates (layers)")
+    for role, counts in by_role.items():
+        t.add_row(role, ", ".join(f"{c} x{n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+    return t
+
+
 def _search_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"metric": args.metric, "candidates": _items(args.candidates), "latency": args.latency,
             "latency_table": args.latency_table, "bops": args.bops, "pins": _pins(args.pin),
@@ -250,12 +271,15 @@ def cmd_search(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
         return 0
     from rich.table import Table
 
-    t = Table(title=f"{table.model}: allocation ({args.metric})")
-    for col in ("layer", "candidate", "bits/w", args.metric):
-        t.add_column(col, justify="left" if col in ("layer", "candidate") else "right")
-    for r in result.rows:
-        t.add_row(r["name"], r["candidate"], f"{r['bits_per_weight']:.3f}", _num(r.get(args.metric)))
-    out.print(t)
+    if args.layers:
+        t = Table(title=f"{table.model}: allocation ({args.metric})")
+        for col in ("layer", "candidate", "bits/w", args.metric):
+            t.add_column(col, justify="left" if col in ("layer", "candidate") else "right")
+        for r in result.rows:
+            t.add_row(r["name"], r["candidate"], f"{r['bits_per_weight']:.3f}", _num(r.get(args.metric)))
+        out.print(t)
+    else:
+        out.print(_allocation_summary(result.rows, f"{table.model}: allocation ({args.metric})"))
     counts: dict[str, int] = {}
     for r in result.rows:
         counts[r["candidate"]] = counts.get(r["candidate"], 0) + 1
