@@ -166,8 +166,11 @@ def test_search_pins_subset_and_table(root, profiled, capsys):
     prof, _ = profiled
     code, stdout, err = run(capsys, "search", prof, "--budget", "8", "--candidates",
                             "int4:g32,int8:channel,keep", "--pin", "*.down_proj=keep", "--out",
-                            root / "pinned")
+                            root / "pinned", "--layers")
     assert code == 0 and "bits/w" in stdout and "model.layers.1.mlp.down_proj" in stdout, err
+    code, stdout, err = run(capsys, "search", prof, "--budget", "8", "--candidates", "int4:g32,int8:channel,keep",
+                            "--pin", "*.down_proj=keep", "--out", root / "pinned", "--overwrite")
+    assert code == 0 and "mlp.down_proj" in stdout and "keep x2" in stdout, err
     result = json.loads((root / "pinned" / "search.json").read_text())
     for row in result["layers"]:
         assert row["candidate"] == "keep" if row["name"].endswith("down_proj") else \

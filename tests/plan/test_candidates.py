@@ -6,10 +6,10 @@ from mixq.plan import DEFAULT_CANDIDATES, KEEP_BITS, PlanError, candidate_named,
 from mixq.quant import bit_count
 
 
-def test_default_candidates_parse_and_span_3_to_16_bits():
+def test_default_candidates_parse_and_span_2_5_to_16_bits():
     cands = parse_candidates(DEFAULT_CANDIDATES)
     bits = [c.weight_bits((576, 1536)) / (576 * 1536) for c in cands]
-    assert min(bits) == pytest.approx(3.25) and max(bits) == KEEP_BITS
+    assert min(bits) == pytest.approx(2.5) and max(bits) == KEEP_BITS
     assert {c.family for c in cands} == {"int", "float", "keep"}
 
 
