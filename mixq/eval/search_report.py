@@ -113,10 +113,14 @@ def frontier_plot(points: Sequence[Mapping[str, Any]], path: Path, *, measured_n
     """Save the frontier as a PNG at ``path``; returns ``path``.
 
     x: bits per weight over the profiled layers. y: the measured value (log scale) when any point has
-    one (points without a measurement are left out), else the predicted degradation (log scale, symlog when a point predicts 0). One line with
-    markers per searched family, sorted by bits; uniform candidates as labelled points.
+    one (points without a measurement are left out), else the predicted degradation (log scale, symlog
+    when a point predicts 0). One line with markers per searched family, sorted by bits; uniform
+    candidates as labelled points; ``keep`` (the unquantized model) as a dashed horizontal line when its
+    value is positive, never as a point at 16 bits.
     """
     measured = any(p.get("measured") is not None for p in points)
+    keep = [p for p in points if p["family"] == "uniform" and p["label"] == "keep"]
+    points = [p for p in points if not (p["family"] == "uniform" and p["label"] == "keep")]
     fig = _canvas(10, 6.5)
     ax = fig.add_subplot()
     for family, style in FAMILY_STYLE.items():
@@ -137,6 +141,10 @@ def frontier_plot(points: Sequence[Mapping[str, Any]], path: Path, *, measured_n
             ax.annotate(str(p["label"]), (p["bits_per_weight"], _y(p, measured)), xytext=(5, 4 + 11 * k),
                         textcoords="offset points", fontsize=8, color="0.25")
     ys = [y for p in points if (y := _y(p, measured)) is not None]
+    reference = _y(keep[0], measured) if keep else None
+    if reference is not None and reference > 0:
+        ax.axhline(reference, color="0.4", ls="--", lw=1, label=f"unquantized ({reference:.4g})")
+        ys.append(reference)
     if ys and min(ys) > 0:
         from matplotlib.ticker import ScalarFormatter
 
