@@ -3,8 +3,12 @@
 Metrics (all: degradation, larger = worse, 0 for ``keep``, NaN where a candidate does not fit):
 
 - ``weight``:  data-free ``sum (Q(W) - W)^2``;
-- ``fisher``:  ``0.5 * sum F ⊙ ΔW^2`` with the empirical Fisher ``F`` (one backward per batch), plus
-  ``0.5 * sum (dL/dx)^2 ⊙ (x - Q(x))^2`` for candidates that quantize the layer's inputs;
+- ``fisher``:  ``0.5 * sum F ⊙ ΔW^2`` with the empirical Fisher ``F`` of batch-mean gradients (one
+  backward per batch), plus ``0.5 * sum (dL/dx)^2 ⊙ (x - Q(x))^2`` for candidates that quantize the
+  layer's inputs;
+- ``fisher_model``: ``0.5 * sum F ⊙ ΔW^2`` with the per-token diagonal Fisher of the model's own
+  distribution (sampled labels, :mod:`mixq.sensitivity.model_fisher`): a predicted KL in nats per token
+  (weights only);
 - ``hessian``: HAWQ-V2 ``0.5 * tr(H)/n * sum ΔW^2`` with Hutchinson traces (weights only);
 - ``kl``:      measured KL to the fp32 outputs (LM) or 1 - cosine of pooled embeddings (encoder)
   with only that layer quantized (see :mod:`mixq.sensitivity.measured`).
@@ -33,6 +37,7 @@ from mixq.plan.candidates import Candidate
 from mixq.quant import QuantSpec
 from mixq.sensitivity.gradients import fisher_stats, hessian_traces
 from mixq.sensitivity.measured import OutputCache
+from mixq.sensitivity.model_fisher import model_fisher
 from mixq.sensitivity.outputs import (ProfileInputError, check_batches, eval_mode, lm_loss, model_device, model_forward,
                                       pooled, to_device, token_count)
 from mixq.sensitivity.table import LayerInfo, SensitivityTable, model_fingerprint
@@ -40,7 +45,7 @@ from mixq.sensitivity.weight_error import (fisher_weight_term, hessian_score, qu
                                            weight_delta)
 
 Progress = Callable[[str, int, int], None]
-METRICS = ("weight", "fisher", "hessian", "kl")
+METRICS = ("weight", "fisher", "fisher_model", "hessian", "kl")
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -172,6 +177,13 @@ def profile(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence
             t0 = time.perf_counter()
             F, x_terms = fisher_stats(model, modules, data, fisher_loss, input_specs, progress)
             shared["fisher"] = time.perf_counter() - t0
+        FM: dict[str, Tensor] = {}
+        if "fisher_model" in metrics:
+            t0 = time.perf_counter()
+            FM = model_fisher(model, modules, data, kind=kind, seed=seed, progress=progress)
+            shared["fisher_model"] = time.perf_counter() - t0
+            notes += [f"fisher_model: {n} is a grouped conv with no per-sample Fisher; scored NaN (kept)"
+                      for n in modules if n not in FM]
         if "hessian" in metrics:
             t0 = time.perf_counter()
             traces = hessian_traces(model, modules, data, hessian_loss, hutchinson_samples, seed, progress)
@@ -201,6 +213,8 @@ def profile(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence
                         value = fisher_weight_term(F[layer.name], dW)
                         if cand.spec.inputs is not None:
                             value += x_terms[layer.name][input_specs[layer.name].index(cand.spec.inputs)]
+                    elif m == "fisher_model":
+                        value = fisher_weight_term(FM[layer.name], dW) if layer.name in FM else float("nan")
                     elif m == "hessian":
                         value = hessian_score(traces[layer.name], layer.params, err)
                     else:
@@ -210,6 +224,7 @@ def profile(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence
                     seconds[m][i, j] = t_q + (time.perf_counter() - t1) + shared[m] / n_pairs
                 done += 1
             F.pop(layer.name, None)
+            FM.pop(layer.name, None)
         report("pairs", len(scored), len(scored))
         del cache
 

@@ -13,7 +13,7 @@ from mixq.plan import parse_candidates
 from mixq.sensitivity import METRICS, ProfileError, profile, profile_layers
 from mixq.sensitivity.measured import OutputCache
 
-ALL = ("weight", "fisher", "hessian", "kl")
+ALL = ("weight", "fisher", "fisher_model", "hessian", "kl")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_weight_metric_needs_no_data(llama) -> None:
 
 def test_errors(llama, bert) -> None:
     cands = parse_candidates("int4:channel")
-    with pytest.raises(ProfileError, match="expected metrics among weight, fisher, hessian, kl, found \\['ppl'\\]"):
+    with pytest.raises(ProfileError, match="expected metrics among weight, fisher, fisher_model, hessian, kl, found \\['ppl'\\]"):
         profile(llama, cands, lm_batches(), metrics=("ppl",))
     with pytest.raises(ProfileError, match="expected at least one candidate"):
         profile(llama, [], lm_batches())
