@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/mixq formats
-	$(VENV)/bin/mixq profile smollm2 --samples 8 --hutchinson-samples 2 --validate 24 --out runs/demo/profile --overwrite
+	$(VENV)/bin/mixq profile smollm2 --samples 8 --validate 24 --out runs/demo/profile --overwrite
 	$(VENV)/bin/mixq frontier runs/demo/profile --budgets 3.5,4.25,5 --algorithm gptq --measure --samples 32 \
 		--out runs/demo/frontier --overwrite
 

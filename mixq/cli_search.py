@@ -67,7 +67,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                    help="comma-separated candidates: keep | WEIGHT | WEIGHT@INPUT "
                         f"(default: {DEFAULT_CANDIDATES})")
-    p.add_argument("--metrics", default="weight,fisher,hessian", help="some of weight,fisher,fisher_model,hessian,kl")
+    p.add_argument("--metrics", default="weight,fisher,fisher_model",
+                   help="some of weight,fisher,fisher_model,hessian,kl (default: weight,fisher,fisher_model; hessian "
+                        "costs about six times a Fisher pass and holds the double-backward graph)")
     p.add_argument("--calib", default="wiki", help="calibration text: wiki, a .txt file or a token file")
     p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--length", type=int, default=512, help="tokens per window (default 512)")

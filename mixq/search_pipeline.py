@@ -85,7 +85,7 @@ def calibration_batches(model: Any, tokenizer: Any, calib: str, samples: int, le
 
 
 def profile_model(model_name: str, candidates: str | Sequence[str] = DEFAULT_CANDIDATES, *,
-                  metrics: Sequence[str] = ("weight", "fisher", "hessian"), calib: str = "wiki",
+                  metrics: Sequence[str] = ("weight", "fisher", "fisher_model"), calib: str = "wiki",
                   samples: int = 16, length: int = 512, batch_size: int = 2,
                   keep: Sequence[str] = ("lm_head",), validate: int = 0, validate_samples: int = 4,
                   hutchinson_samples: int = 4, seed: int = 0, out: str | os.PathLike[str] | None = None,

@@ -130,17 +130,23 @@ def frontier_plot(points: Sequence[Mapping[str, Any]], path: Path, *, measured_n
             ax.plot([p["bits_per_weight"] for p in pts], [_y(p, measured) for p in pts],
                     marker=style["marker"], color=style["color"], label=style["label"], lw=1.5, ms=7)
     uniform = [p for p in points if p["family"] == "uniform" and _y(p, measured) is not None]
+    searched_ys = [y for p in points if p["family"] != "uniform" and (y := _y(p, measured)) is not None]
+    cap = 4 * max(searched_ys) if searched_ys and max(searched_ys) > 0 else math.inf
     if uniform:
-        ax.scatter([p["bits_per_weight"] for p in uniform], [_y(p, measured) for p in uniform],
+        ax.scatter([p["bits_per_weight"] for p in uniform], [min(_y(p, measured), cap) for p in uniform],
                    marker=UNIFORM_STYLE["marker"], color=UNIFORM_STYLE["color"], label=UNIFORM_STYLE["label"],
                    s=45, zorder=3)
         seen: dict[float, int] = {}
-        # labels of points at one x are stacked upwards
+        # labels of points at one x alternate right/left and stack upwards; points far above every searched plan sit on the
+        # top edge with their value in the label, so one collapsed format does not flatten the picture
         for p in sorted(uniform, key=lambda p: (p["bits_per_weight"], _y(p, measured))):
             k = seen[round(p["bits_per_weight"], 1)] = seen.get(round(p["bits_per_weight"], 1), -1) + 1
-            ax.annotate(str(p["label"]), (p["bits_per_weight"], _y(p, measured)), xytext=(5, 4 + 11 * k),
-                        textcoords="offset points", fontsize=8, color="0.25")
-    ys = [y for p in points if (y := _y(p, measured)) is not None]
+            y = _y(p, measured)
+            text = str(p["label"]) if y <= cap else f"{p['label']} ({y:.3g}, off scale)"
+            left = k % 2 == 1  # alternate sides so that labels of nearby points at one x do not collide
+            ax.annotate(text, (p["bits_per_weight"], min(y, cap)), xytext=(-6 if left else 6, 4 + 11 * (k // 2)),
+                        textcoords="offset points", fontsize=8, color="0.25", ha="right" if left else "left")
+    ys = [min(y, cap) for p in points if (y := _y(p, measured)) is not None]
     reference = _y(keep[0], measured) if keep else None
     if reference is not None and reference > 0:
         ax.axhline(reference, color="0.4", ls="--", lw=1, label=f"unquantized ({reference:.4g})")

@@ -129,7 +129,7 @@ def _check_options(candidates: Sequence[Candidate], metrics: Sequence[str], hutc
 
 
 def profile(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence[dict[str, Tensor]], *,
-            kind: str = "lm", metrics: Sequence[str] = ("weight", "fisher", "hessian"),
+            kind: str = "lm", metrics: Sequence[str] = ("weight", "fisher", "fisher_model"),
             keep: Sequence[str] = ("lm_head",), model_name: str = "", hutchinson_samples: int = 4, seed: int = 0,
             progress: Progress | None = None) -> SensitivityTable:
     """Score every profiled layer × candidate under ``metrics``; the model is left exactly as it was.
