@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,27 +34,14 @@ Status = Callable[[str], None]
 
 @contextlib.contextmanager
 def staged_folder(out: Path, overwrite: bool, source: Path | None = None) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``out``; on success it replaces ``out``, on error it is
-    removed.
+    """:func:`mixq.fileio.atomic_folder` after the output checks: ``OutputExistsError`` when ``out``
+    exists and not ``overwrite``, or when ``out`` is ``source``."""
+    from mixq.fileio import atomic_folder
 
-    ``OutputExistsError`` when ``out`` exists and not ``overwrite``, or when ``out`` is ``source``.
-    """
     out = Path(out)
     check_target(out, source, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_positive(**values: int) -> None:

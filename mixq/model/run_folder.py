@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 import mixq
+from mixq.fileio import atomic_folder
 from mixq.model.load import ModelLoadError, load_model
 from mixq.model.plan_match import ResolvedPlan, resolve
 from mixq.model.qmodules import ActQuantizer, QuantLinear, unwrap, wrap
@@ -63,15 +62,12 @@ def save_quantized(model: nn.Module, tokenizer: Any, resolved: ResolvedPlan, out
     out = Path(out)
     source_dir = Path(source) if source is not None and Path(source).is_dir() else None
     check_target(out, source_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
     wrappers = _wrappers(model)
     ranges = {f"{name}.{part}.{key}": getattr(getattr(w, part), key).detach().clone().contiguous()
               for name, w in wrappers.items() for part in ("inputs", "outputs")
               if isinstance(getattr(w, part), ActQuantizer) and getattr(w, part).static
               for key in ("lo", "hi")}
-    try:
+    with atomic_folder(out) as tmp:
         unwrap(model)
         try:
             model.save_pretrained(tmp)
@@ -88,15 +84,6 @@ def save_quantized(model: nn.Module, tokenizer: Any, resolved: ResolvedPlan, out
         info = {"mixq_version": mixq.__version__, "source": str(source) if source is not None else None,
                 **(meta or {})}
         (tmp / META).write_text(json.dumps(info, indent=1, default=str) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
