@@ -22,7 +22,7 @@ from mixq.plan import Plan
 from mixq.search.build import allocation_rows, plan_from_choice
 from mixq.search.costs import cost_matrix
 from mixq.search.errors import InfeasibleError, SearchError
-from mixq.search_pipeline import (Problem, Progress, Status, check_positive, build_problem, check_profile_model,
+from mixq.search_pipeline import (SearchSetup, Progress, Status, check_positive, build_problem, check_profile_model,
                                   json_safe, staged_folder)
 from mixq.sensitivity.table import SensitivityTable
 
@@ -60,7 +60,7 @@ def _file_label(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._@-" else "_" for ch in label)
 
 
-def _family_points(problem: Problem, family: str, budgets: Sequence[float], method: str,
+def _family_points(problem: SearchSetup, family: str, budgets: Sequence[float], method: str,
                    time_limit: float) -> tuple[list[Any], list[str], Exception | None]:
     """Searched frontier points of one family (``joint``: every allowed candidate; ``int``/``float``: those
     with integer / float elements, plus ``keep``), relabelled ``FAMILY@BUDGET``."""
@@ -215,7 +215,7 @@ def frontier(table: SensitivityTable, budgets: Sequence[float], *, metric: str =
     return result
 
 
-def _write_frontier(result: FrontierResult, plans: Mapping[str, Plan], problem: Problem, out: Path,
+def _write_frontier(result: FrontierResult, plans: Mapping[str, Plan], problem: SearchSetup, out: Path,
                     overwrite: bool) -> None:
     import json
 

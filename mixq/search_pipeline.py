@@ -159,7 +159,7 @@ def profile_summary(table: SensitivityTable) -> list[dict[str, Any]]:
 
 # --- search ---------------------------------------------------------------------------------------------
 @dataclass
-class Problem:
+class SearchSetup:
     """A search problem drawn from a table: scores (disallowed candidates NaN) and its constraints."""
 
     layers: list[Any]
@@ -173,23 +173,11 @@ class Problem:
     params: int
 
 
-def _merge_groups(groups: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Union of overlapping index groups (so that each layer is in at most one group)."""
-    merged: list[set[int]] = []
-    for g in groups:
-        s = set(int(i) for i in g)
-        for other in [m for m in merged if m & s]:
-            s |= other
-            merged.remove(other)
-        merged.append(s)
-    return [sorted(s) for s in merged if len(s) > 1]
-
-
 def build_problem(table: SensitivityTable, metric: str = "fisher", *, budget: float | None = None,
                   candidates: Sequence[str] | None = None, latency: float | None = None,
                   latency_table: str | os.PathLike[str] | None = None, bops: float | None = None,
                   pins: Mapping[str, str] | None = None, tie: bool = True,
-                  constraints: str | os.PathLike[str] | None = None) -> Problem:
+                  constraints: str | os.PathLike[str] | None = None) -> SearchSetup:
     """Scores, groups, pins and constraints of a search on ``table``; flags win over the constraints file."""
     layers, cands = list(table.layers), table.candidate_objects()
     scores = np.array(table.metric(metric), dtype=np.float64)  # [L, C]
@@ -221,11 +209,11 @@ def build_problem(table: SensitivityTable, metric: str = "fisher", *, budget: fl
     budget_bits = limits.get("bits")
     if budget_bits is not None and not budget_bits > 0:
         raise SearchError(f"expected a positive bits/weight budget, found {budget_bits}")
-    return Problem(layers, cands, scores, allowed, _merge_groups(groups), pinned, extra,
+    return SearchSetup(layers, cands, scores, allowed, [list(g) for g in groups], pinned, extra,
                    None if budget_bits is None else float(budget_bits), sum(layer.params for layer in layers))
 
 
-def bits_constraint(problem: Problem, budget: float) -> Constraint:
+def bits_constraint(problem: SearchSetup, budget: float) -> Constraint:
     """The bits budget (bits/weight over the profiled layers) as a total-bits constraint."""
     costs = cost_matrix(problem.layers, problem.candidates, "bits")  # [L, C] total bits
     return Constraint("bits", costs, budget * problem.params, per_weight=budget)

@@ -28,6 +28,13 @@ from mixq.plan.layer_spec import LayerSpec, PlanError
 PLAN_VERSION = 1
 
 
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a dotted module ``name`` matches a shell glob or ``re:REGEX`` (the whole name)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
 @dataclass(frozen=True)
 class Rule:
     """``pattern -> spec``; ``pattern`` is a glob or ``re:REGEX`` over dotted module names."""
@@ -45,9 +52,7 @@ class Rule:
                 raise PlanError(f"rule pattern {self.pattern!r} is not a valid regular expression: {err}") from err
 
     def matches(self, name: str) -> bool:
-        if self.pattern.startswith("re:"):
-            return re.fullmatch(self.pattern[3:], name) is not None
-        return fnmatch.fnmatchcase(name, self.pattern)
+        return pattern_matches(self.pattern, name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pattern": self.pattern, **self.spec.to_dict()}

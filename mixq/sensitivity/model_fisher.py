@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixq.model.tree import input_matrix, is_hf_conv1d
+from mixq.model.tree import input_matrix, weight_matrix
 from mixq.sensitivity.gradients import grads_only_for
 from mixq.sensitivity.outputs import model_forward, pooled
 
@@ -82,7 +82,7 @@ def model_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: Seque
     """
     names = [n for n, m in modules.items() if getattr(m, "groups", 1) == 1]
     weights = [modules[n].weight for n in names]
-    Fs = {n: torch.zeros(input_matrix_shape(modules[n]), dtype=torch.float64) for n in names}
+    Fs = {n: torch.zeros(weight_matrix(modules[n]).shape, dtype=torch.float64) for n in names}
     generator = torch.Generator().manual_seed(seed)
     report = progress or (lambda stage, done, total: None)
     count = 0
@@ -104,10 +104,3 @@ def model_fisher(model: nn.Module, modules: dict[str, nn.Module], batches: Seque
     report("fisher_model", len(batches), len(batches))
     return {n: (f / max(count, 1)).float() for n, f in Fs.items()}
 
-
-def input_matrix_shape(module: nn.Module) -> tuple[int, int]:
-    """``[out, in_flat]`` of a module's weight matrix."""
-    w = module.weight
-    if is_hf_conv1d(module):
-        return int(w.shape[1]), int(w.shape[0])
-    return int(w.shape[0]), int(w[0].numel())

@@ -22,8 +22,6 @@ each pair adds its own quantization (and measurement) time.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -34,6 +32,7 @@ from torch import Tensor, nn
 from mixq.model.arch import arch_facts
 from mixq.model.tree import blocks, get_module, quantizable_modules, weight_matrix
 from mixq.plan.candidates import Candidate
+from mixq.plan.plan import pattern_matches
 from mixq.quant import QuantSpec
 from mixq.sensitivity.gradients import fisher_stats, hessian_traces
 from mixq.sensitivity.measured import OutputCache
@@ -48,19 +47,13 @@ Progress = Callable[[str, int, int], None]
 METRICS = ("weight", "fisher", "fisher_model", "hessian", "kl")
 
 
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
 def profile_layers(model: nn.Module, keep: Sequence[str] = ("lm_head",)) -> list[LayerInfo]:
     """Quantizable modules not matching a ``keep`` pattern (glob or ``re:REGEX``), in module order.
 
     Layers of one architecture scale group with at least two linears (q/k/v after the input norm,
     gate/up) all profiled get ``group = f"{block}.{group.prev}"``; others (and unknown families) None.
     """
-    mods = {n: m for n, m in quantizable_modules(model).items() if not any(_matches(n, p) for p in keep)}
+    mods = {n: m for n, m in quantizable_modules(model).items() if not any(pattern_matches(p, n) for p in keep)}
     facts = arch_facts(model)
     group_of: dict[str, str] = {}
     if facts.blocks and facts.scale_groups:
