@@ -117,7 +117,7 @@ def quantize(model_name: str, plan: Plan, *, calib: str | None = "wiki", samples
         meta = {"model": model_name, "rotate": rotate, "rotate_seed": rotate_seed,
                 "report": report.to_json()}
         saved = save_quantized(model, tokenizer, resolved, out, source=resolve(model_name), meta=meta,
-                               overwrite=overwrite)
+                               overwrite=overwrite, scales=report.scales)
     return QuantizeOutcome(report, model, tokenizer, saved, peak_rss_mb(), load_s, calib_s, cpu_s)
 
 

@@ -31,6 +31,9 @@ class QuantizeReport:
     calibration: dict[str, Any]
     warnings: list[str]
     rotation: dict[str, Any] | None = None
+    scales: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Per layer, the ``GroupScales`` its weight was quantized with (None: the weight is off the grid,
+    e.g. salient rows kept in fp16); what export needs to recover the codes. Not part of ``to_json``."""
 
     def to_json(self) -> dict[str, Any]:
         return {"bits": self.bits, "seconds": self.seconds, "calibration": self.calibration,

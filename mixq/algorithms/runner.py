@@ -44,6 +44,7 @@ from mixq.model.qmodules import inner, quantizers
 from mixq.model.quantizers import install_quantizers, untie_lm_head
 from mixq.model.tree import blocks, get_module, input_matrix, set_weight_matrix, weight_matrix
 from mixq.plan import Plan, PlanError
+from mixq.quant.scale import GroupScales
 
 Progress = Callable[[str, int, int], None]
 AWQ_SAMPLE_ROWS = 4096
@@ -90,6 +91,7 @@ class _Walker:
         self.forward = forward
         self.progress = progress or (lambda stage, done, total: None)
         self.reports: dict[str, LayerReport] = {}
+        self.scales: dict[str, GroupScales | None] = {}
         self.facts: ArchFacts = arch_facts(model)
 
     # --- calibration data ----------------------------------------------------------------------
@@ -232,6 +234,7 @@ class _Walker:
                 W = awq_clip(W, st.sample, spec.weights, grid=opts.awq_grid)
             result = rtn(W, spec.weights, H)
         Wq = result.weight
+        self.scales[name] = result.info.get("scales") if opts.salient <= 0 else None
         if opts.salient > 0:
             rows = salient_rows(W0, Wq, H, opts.salient)
             Wq = Wq.clone()
@@ -326,7 +329,7 @@ def quantize_model(model: nn.Module, plan: Plan | ResolvedPlan, calib: Tensor | 
     calibration = {"samples": int(calib.shape[0]) if calib is not None else 0,
                    "shape": list(calib.shape) if calib is not None else None}
     return QuantizeReport(list(walker.reports.values()), bits, time.perf_counter() - t0, calibration,
-                          list(resolved.warnings), rotation)
+                          list(resolved.warnings), rotation, walker.scales)
 
 
 def _walk_blocks(w: _Walker) -> None:

@@ -7,6 +7,8 @@ Layout::
                                                           plans then compute exactly what mixq evaluated)
     OUT/plan.yaml                                         the plan that was applied
     OUT/quantizers.safetensors                            calibrated ranges of static activation quantizers
+    OUT/scales.safetensors                                the scales each weight was quantized with (what
+                                                          ``mixq export`` needs to recover exact codes)
     OUT/mixq.json                                         version, source model, rotation, report
 
 :func:`load_quantized` rebuilds the model with its online rotations and activation / KV quantizers.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -30,10 +33,13 @@ from mixq.model.plan_match import ResolvedPlan, resolve
 from mixq.model.qmodules import ActQuantizer, QuantLinear, unwrap, wrap
 from mixq.model.quantizers import install_quantizers
 from mixq.plan import Plan
+from mixq.quant.scale import GroupScales
 
 META = "mixq.json"
 PLAN = "plan.yaml"
 QUANTIZERS = "quantizers.safetensors"
+SCALES = "scales.safetensors"
+SCALE_PARTS = ("scale", "block", "zero", "tensor", "offset")
 
 
 class OutputExistsError(FileExistsError, ValueError):
@@ -57,8 +63,11 @@ def _wrappers(model: nn.Module) -> dict[str, nn.Module]:
 
 def save_quantized(model: nn.Module, tokenizer: Any, resolved: ResolvedPlan, out: str | os.PathLike[str], *,
                    source: str | os.PathLike[str] | None = None, meta: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> Path:
-    """Write ``model`` (fake-quantized in place by the runner) as a run folder at ``out``."""
+                   overwrite: bool = False, scales: Mapping[str, GroupScales | None] | None = None) -> Path:
+    """Write ``model`` (fake-quantized in place by the runner) as a run folder at ``out``.
+
+    ``scales``: the runner's ``QuantizeReport.scales``, saved so that the run can be exported packed.
+    """
     out = Path(out)
     source_dir = Path(source) if source is not None and Path(source).is_dir() else None
     check_target(out, source_dir, overwrite)
@@ -81,10 +90,35 @@ def save_quantized(model: nn.Module, tokenizer: Any, resolved: ResolvedPlan, out
             from safetensors.torch import save_file
 
             save_file(ranges, str(tmp / QUANTIZERS))
+        _save_scales(scales or {}, tmp / SCALES)
         info = {"mixq_version": mixq.__version__, "source": str(source) if source is not None else None,
                 **(meta or {})}
         (tmp / META).write_text(json.dumps(info, indent=1, default=str) + "\n")
     return out
+
+
+def _save_scales(scales: Mapping[str, GroupScales | None], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    flat = {f"{name}.{part}": getattr(sc, part).detach().contiguous() for name, sc in scales.items()
+            if sc is not None for part in SCALE_PARTS if getattr(sc, part) is not None}
+    if flat:
+        save_file(flat, str(path))
+
+
+def load_scales(path: str | os.PathLike[str]) -> dict[str, GroupScales]:
+    """The scales saved in a run folder, by layer name (empty for runs saved without them)."""
+    file = Path(path) / SCALES
+    if not file.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in load_file(str(file)).items():
+        name, part = key.rsplit(".", 1)
+        parts.setdefault(name, {})[part] = value
+    return {name: GroupScales(p["scale"], p["block"], p.get("zero"), p.get("tensor"), p.get("offset"))
+            for name, p in parts.items()}
 
 
 def load_quantized(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:

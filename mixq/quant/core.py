@@ -206,3 +206,59 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     scale = qt.scales * qt.tensor_scale if qt.tensor_scale is not None else qt.scales
     sc = GroupScales(scale, qt.scales, qt.zero_points, qt.tensor_scale, qt.offsets)
     return grouping.from_groups(decode_groups(q, sc, qt.spec)).to(qt.dtype)
+
+
+def _check_decodes(qt: QuantizedTensor, x: torch.Tensor) -> QuantizedTensor:
+    y = dequantize(qt).float()
+    xf = x.float()
+    same = (y == xf) | (torch.isnan(y) & torch.isnan(xf))
+    if not bool(same.all()):
+        i = int((~same).reshape(-1).nonzero()[0])
+        raise ValueError(f"the tensor is not on the grid of {qt.spec}: flat index {i} holds "
+                         f"{float(xf.reshape(-1)[i])!r}, the codes decode to {float(y.reshape(-1)[i])!r}")
+    return qt
+
+
+def quantize_with_scales(x: torch.Tensor, spec: QuantSpec | str, scales: GroupScales) -> QuantizedTensor:
+    """Codes of ``x`` (any shape) that already lies on the grid of ``spec`` with the given ``scales``.
+
+    ``scales`` are in the group order of ``Grouping(x.shape, spec.granularity)`` (as GPTQ and RTN return
+    them). The element value of each entry is rounded to nearest, then the codes are checked to decode
+    to ``x`` bit-exactly; a ValueError names the first index that does not (a weight off the grid).
+    """
+    _check_input(x)
+    spec = _as_spec(spec)
+    grouping = Grouping(tuple(x.shape), spec.granularity)
+    X = grouping.to_groups(x.float())
+    if scales.scale.shape != (X.shape[0],):
+        raise ValueError(f"{X.shape[0]} groups in a {tuple(x.shape)} tensor under {spec}, "
+                         f"but {tuple(scales.scale.shape)} scales")
+    if scales.offset is not None:
+        y = (X - scales.offset[:, None]) / scales.scale[:, None] + spec.format.qmin  # type: ignore[attr-defined]
+    elif scales.zero is not None:
+        y = X / scales.scale[:, None] + scales.zero[:, None]
+    else:
+        y = X / scales.scale[:, None]
+    q = spec.format.round(torch.nan_to_num(y, nan=0.0), Rounding.NEAREST)
+    codes = spec.format.encode(q)
+    qt = QuantizedTensor(
+        codes=grouping.from_groups(codes).contiguous(),
+        scales=scales.block,
+        scale_codes=spec.scale.format.encode(scales.block),
+        zero_points=scales.zero,
+        tensor_scale=scales.tensor,
+        spec=spec,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        offsets=scales.offset,
+    )
+    return _check_decodes(qt, x)
+
+
+def requantize(x: torch.Tensor, spec: QuantSpec | str) -> QuantizedTensor:
+    """``quantize(x, spec)`` for an ``x`` that is already fake-quantized, checked to decode to ``x`` exactly.
+
+    Holds when the spec's scale rule finds the same scales again (absmax, no clip search); otherwise
+    a ValueError says where it differs (store the scales and use :func:`quantize_with_scales`).
+    """
+    return _check_decodes(quantize(x, spec), x)
