@@ -150,11 +150,12 @@ def skeleton(folder: str | Path) -> nn.Module:
     config_dict.pop("quantization_config", None)
     config = config.__class__.from_dict(config_dict)
     names = list(getattr(config, "architectures", None) or [])
-    cls = getattr(transformers, names[0], None) if names else None
-    cls = cls if cls is not None and hasattr(cls, "_from_config") else transformers.AutoModel
-    model = cls._from_config(config, torch_dtype=torch.float32) if cls is not transformers.AutoModel \
-        else transformers.AutoModel.from_config(config, torch_dtype=torch.float32)
-    return model.float().eval()
+    if not names:
+        raise ExportError(f"{config_path} names no model class (\"architectures\"); it cannot be rebuilt")
+    cls = getattr(transformers, names[0], None)
+    if cls is None or not hasattr(cls, "_from_config"):
+        raise ExportError(f"{config_path} names the model class {names[0]!r}, which transformers does not have")
+    return cls._from_config(config, torch_dtype=torch.float32).float().eval()
 
 
 def fill(model: nn.Module, tensors: Mapping[str, Tensor], layers: Mapping[str, QuantizedLayer],
