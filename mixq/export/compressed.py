@@ -4,7 +4,8 @@ A folder holds ``config.json`` with a ``quantization_config`` (``quant_method: c
 config group per distinct scheme targeting exact module names, a format per group and
 ``mixed-precision`` globally when they differ), ``model.safetensors`` with the compressed tensors
 (names as compressed-tensors gives them, see :mod:`mixq.export.ct_schemes`), the tokenizer, and mixq's
-sidecars: ``plan.yaml``, ``mixq.json`` (per-layer mixq specs) and ``mixq_extra.safetensors`` (what
+sidecars: ``plan.yaml``, ``mixq.json`` (per-layer mixq specs, and the size and SHA-256 of every other
+file, verified before mixq decodes anything) and ``mixq_extra.safetensors`` (what
 compressed-tensors does not keep exactly: static input ranges, tensor scales and their block scales).
 transformers loads the folder with ``AutoModelForCausalLM.from_pretrained``; :func:`read_compressed_tensors`
 rebuilds mixq's fake-quant model from the same files.
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 import mixq
 from mixq.export.ct_schemes import PARAM_NAMES, ct_scheme, decode_layer, encode_layer
 from mixq.export.layers import Exported, ExportError, QuantizedLayer, fill, float_tensors, skeleton
+from mixq.export.manifest import file_records, verify_files
 from mixq.fileio import atomic_folder
 from mixq.model.plan_match import ResolvedPlan, resolve
 from mixq.model.run_folder import check_target
@@ -152,6 +154,7 @@ def save_compressed_tensors(model: nn.Module, layers: Mapping[str, QuantizedLaye
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         resolved.plan.save(tmp / PLAN)
+        sidecar["files"] = file_records(tmp, skip=SIDECAR)  # checked by read_compressed_tensors
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1, default=str) + "\n")
     return out
 
@@ -187,6 +190,9 @@ def read_compressed_tensors(path: str | os.PathLike[str]) -> Exported:
     if not is_compressed_tensors_folder(path):
         raise ExportError(f"{path} is not a compressed-tensors folder (no config.json with that quant_method)")
     meta = _read_json(path / SIDECAR)
+    if not isinstance(meta.get("files"), dict):
+        raise ExportError(f"{path / SIDECAR} lists no files and checksums: it was not written by this mixq")
+    verify_files(path, meta)  # sizes and SHA-256 before anything is decoded
     config = _read_json(path / CONFIG)
     try:
         tensors = load_file(str(path / WEIGHTS))

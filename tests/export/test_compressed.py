@@ -188,13 +188,19 @@ def test_existing_output_is_refused_and_overwrite_replaces(base, tmp_path):
     assert not is_compressed_tensors_folder(tmp_path)
 
 
-def test_truncated_checkpoint_is_an_export_error(base, tmp_path):
+def test_truncated_or_corrupt_checkpoint_is_an_export_error_naming_the_file(base, tmp_path):
     from mixq.export.layers import ExportError
 
     export(base, uniform("int4:g16"), tmp_path / "ct")
     weights = tmp_path / "ct" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ExportError, match="cannot read the tensors"):
+    data = weights.read_bytes()
+    flipped = bytearray(data)
+    flipped[-7] ^= 0x10
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ExportError, match=r"model\.safetensors: SHA-256 differs"):
+        read_compressed_tensors(tmp_path / "ct")
+    weights.write_bytes(data[:-100])
+    with pytest.raises(ExportError, match=r"model\.safetensors: \d+ bytes, the manifest says \d+ \(truncated"):
         read_compressed_tensors(tmp_path / "ct")
     (tmp_path / "ct" / "mixq.json").unlink()
     with pytest.raises(ExportError, match="mixq.json"):
