@@ -84,10 +84,8 @@ def exported_layers(source: str | os.PathLike[str], plan: Plan | None = None, *,
         exported = read(source)
         return Source(exported.model, exported.layers, exported.resolved, load_tokenizer(source),
                       Path(source), exported.meta)
-    from mixq.model.plan_match import resolve as resolve_plan
-
     outcome = quantize(str(source), plan, status=say, **(quantize_kw or {}))
-    resolved = resolve_plan(plan, outcome.model)
+    resolved = outcome.resolved
     layers = quantized_layers(outcome.model, resolved, outcome.report.scales)
     meta = {"model": str(source), "report": outcome.report.to_json()}
     return Source(outcome.model, layers, resolved, outcome.tokenizer, resolve_model(str(source)), meta)

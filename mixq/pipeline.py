@@ -37,6 +37,7 @@ class QuantizeOutcome:
     load_seconds: float
     calib_seconds: float
     cpu_seconds: float = 0.0
+    resolved: ResolvedPlan | None = None  # the plan as matched against the model before wrapping
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out) if self.out else None, "wall_s": self.report.seconds,
@@ -118,7 +119,7 @@ def quantize(model_name: str, plan: Plan, *, calib: str | None = "wiki", samples
                 "report": report.to_json()}
         saved = save_quantized(model, tokenizer, resolved, out, source=resolve(model_name), meta=meta,
                                overwrite=overwrite, scales=report.scales)
-    return QuantizeOutcome(report, model, tokenizer, saved, peak_rss_mb(), load_s, calib_s, cpu_s)
+    return QuantizeOutcome(report, model, tokenizer, saved, peak_rss_mb(), load_s, calib_s, cpu_s, resolved)
 
 
 @dataclass

@@ -110,3 +110,19 @@ def test_existing_output_and_the_source_are_refused_before_any_work(root, gptq_r
 def test_a_model_without_a_plan_is_a_clear_error(root, capsys):
     assert main(["export", str(root / "src"), "--out", str(root / "noplan")]) == 2
     assert "--plan" in capsys.readouterr().err
+
+
+def test_a_run_with_input_quantizers_exports_from_the_folder_and_from_a_plan(root):
+    run = root / "run-fp8"
+    assert main(["quantize", str(root / "src"), "--spec", "fp8_e4m3:channel", "--inputs", "fp8_e4m3:token",
+                 "--out", str(run), *calib(root)]) == 0
+    from_run = run_json(["export", str(run), "--out", str(root / "ct-fp8")])
+    assert from_run["format"] == "compressed-tensors" and from_run["verified"] is True
+    assert from_run["schemes"] == {"fp8_e4m3:channel@fp8_e4m3:token": 14}
+    plan = root / "fp8.yaml"
+    plan.write_text("version: 1\nrules:\n  - {pattern: lm_head, keep: true}\n"
+                    "  - {pattern: '*', weights: 'fp8_e4m3:channel', inputs: 'fp8_e4m3:token'}\n")
+    from_plan = run_json(["export", str(root / "src"), "--plan", str(plan), "--format", "mixq",
+                          "--out", str(root / "mixq-fp8"), *calib(root)])
+    assert from_plan["format"] == "mixq" and from_plan["verified"] is True
+    assert torch.equal(logits(mixq.load(root / "ct-fp8")), logits(mixq.load(root / "mixq-fp8")))

@@ -155,7 +155,7 @@ def skeleton(folder: str | Path) -> nn.Module:
     cls = getattr(transformers, names[0], None)
     if cls is None or not hasattr(cls, "_from_config"):
         raise ExportError(f"{config_path} names the model class {names[0]!r}, which transformers does not have")
-    return cls._from_config(config, torch_dtype=torch.float32).float().eval()
+    return cls._from_config(config).float().eval()
 
 
 def fill(model: nn.Module, tensors: Mapping[str, Tensor], layers: Mapping[str, QuantizedLayer],

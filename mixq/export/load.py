@@ -45,12 +45,9 @@ def read(path: str | os.PathLike[str]) -> Exported:
         from mixq.export.compressed import read_compressed_tensors
 
         return read_compressed_tensors(path)
-    from mixq.model.plan_match import resolve
-    from mixq.model.run_folder import load_quantized, load_scales
-    from mixq.plan import Plan
+    from mixq.model.run_folder import load_run, load_scales
 
-    model, meta = load_quantized(path)
-    resolved = resolve(Plan.load(Path(path) / "plan.yaml"), model)
+    model, resolved, meta = load_run(path)
     layers = quantized_layers(model, resolved, load_scales(path))
     return Exported(model, layers, resolved, meta)
 

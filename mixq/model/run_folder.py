@@ -100,7 +100,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, resolved: ResolvedPlan, out
 def _save_scales(scales: Mapping[str, GroupScales | None], path: Path) -> None:
     from safetensors.torch import save_file
 
-    flat = {f"{name}.{part}": getattr(sc, part).detach().contiguous() for name, sc in scales.items()
+    flat = {f"{name}.{part}": getattr(sc, part).detach().clone() for name, sc in scales.items()
             if sc is not None for part in SCALE_PARTS if getattr(sc, part) is not None}
     if flat:
         save_file(flat, str(path))
@@ -123,6 +123,12 @@ def load_scales(path: str | os.PathLike[str]) -> dict[str, GroupScales]:
 
 def load_quantized(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a run folder with its rotations and quantizers enabled, and its ``mixq.json``."""
+    model, _, meta = load_run(path)
+    return model, meta
+
+
+def load_run(path: str | os.PathLike[str]) -> tuple[nn.Module, ResolvedPlan, dict[str, Any]]:
+    """:func:`load_quantized`, with the plan as resolved against the model before it was wrapped."""
     path = Path(path)
     if not is_run_folder(path):
         raise ModelLoadError(f"expected a mixq run folder holding {META}, found none in {path}")
@@ -141,4 +147,4 @@ def load_quantized(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, A
         if isinstance(m, ActQuantizer):
             m.enabled = True
     model.eval()
-    return model, meta
+    return model, resolved, meta
