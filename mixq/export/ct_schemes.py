@@ -43,11 +43,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from mixq.export.layers import ExportError, QuantizedLayer
+from mixq.export.pack import pack_bits, unpack_bits
 from mixq.formats import ExponentFormat, FloatFormat, IntFormat
 from mixq.formats.base import Rounding
 from mixq.quant import QuantizedTensor, QuantSpec
@@ -208,23 +208,34 @@ PARAM_NAMES = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "
 
 
 def pack_int32(u: Tensor, bits: int) -> Tensor:
-    """Unsigned ``u`` ([rows, cols] ints in ``[0, 2**bits)``) -> int32 ``[rows, ceil(cols*bits/32)]``."""
+    """Unsigned ``u`` ([rows, cols] ints in ``[0, 2**bits)``) -> int32 ``[rows, ceil(cols*bits/32)]``.
+
+    Each row is its own little-endian bitstream (:func:`mixq.export.pack.pack_bits`), padded with zero
+    bits to whole int32 words.
+    """
     rows, cols = u.shape
     words = -(-cols * bits // 32)
-    a = u.to(torch.int64).numpy()
-    bitplanes = ((a[:, :, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(rows, cols * bits)
-    padded = np.zeros((rows, words * 32), dtype=np.uint8)
-    padded[:, : cols * bits] = bitplanes
-    packed = np.packbits(padded, axis=1, bitorder="little")  # [rows, 4 * words]
-    return torch.from_numpy(np.ascontiguousarray(packed).view("<i4").astype(np.int32))
+    if (words * 32) % bits == 0:  # rows pad with whole zero codes: the tensor is one continuous stream
+        padded = torch.nn.functional.pad(u.to(torch.int64), (0, words * 32 // bits - cols))
+        stream = pack_bits(padded, bits)
+    else:
+        stream = torch.cat([torch.nn.functional.pad(pack_bits(row, bits), (0, words * 4 - -(-cols * bits // 8)))
+                            for row in u.to(torch.int64)]) if rows else torch.zeros(0, dtype=torch.uint8)
+    return stream.view(torch.int32).reshape(rows, words).clone()
 
 
 def unpack_int32(w: Tensor, bits: int, cols: int) -> Tensor:
     """Inverse of :func:`pack_int32`: int32 ``[rows, words]`` -> int64 ``[rows, cols]`` unsigned values."""
-    raw = np.ascontiguousarray(w.to(torch.int32).numpy().astype("<i4")).view(np.uint8)
-    planes = np.unpackbits(raw, axis=1, bitorder="little")[:, : cols * bits]
-    planes = planes.reshape(w.shape[0], cols, bits).astype(np.int64)
-    return torch.from_numpy((planes << np.arange(bits)).sum(axis=2))
+    rows, words = w.shape
+    raw = w.to(torch.int32).contiguous().view(torch.uint8).reshape(rows, words * 4)
+    if (words * 32) % bits == 0:
+        per_row = words * 32 // bits
+        codes = unpack_bits(raw.reshape(-1), bits, rows * per_row).reshape(rows, per_row)[:, :cols]
+    else:
+        nbytes = -(-cols * bits // 8)
+        codes = torch.stack([unpack_bits(row[:nbytes], bits, cols) for row in raw]) if rows else \
+            torch.zeros(0, cols, dtype=torch.int32)
+    return codes.to(torch.int64)
 
 
 def _scale_shape(args: dict[str, Any], shape: tuple[int, int]) -> tuple[int, ...]:
