@@ -137,7 +137,9 @@ def cmd_generate(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    out.print(text, markup=False, highlight=False)
+    from rich.markup import escape
+
+    out.print(f"[bold]{escape(args.prompt)}[/bold]{escape(text)}", highlight=False)
     err.print(f"{args.max_new_tokens} tokens in {seconds:.2f} s; packed layers: "
               + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "none")
               + f"; fake-quant layers: {result['fake_quant_layers']}")
