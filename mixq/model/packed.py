@@ -26,7 +26,7 @@ def _linear_like(module: nn.Module) -> bool:
 
 
 def pack_model(model: nn.Module, layers: Mapping[str, QuantizedLayer], *,
-               w8a8_backend: str = "int_mm", tile_rows: int = 256) -> dict[str, str]:
+               w8a8_backend: str = "auto", tile_rows: int = 256, onednn_min_rows: int = 1) -> dict[str, str]:
     """Replace every supported layer of ``model`` by a packed module; returns ``name -> kind``.
 
     ``layers``: the exported layers by module name (the unwrapped names, as ``quantized_layers``
@@ -34,7 +34,8 @@ def pack_model(model: nn.Module, layers: Mapping[str, QuantizedLayer], *,
     (or that are not ``nn.Linear`` / HF ``Conv1D``) are left as they are. The replaced module's weight
     is dropped (its parameter is removed from the old module too, so that a reference kept elsewhere
     does not keep the fp32 matrix alive); a weight tied to another module stays with that module.
-    ``w8a8_backend`` and ``tile_rows`` are passed to the packed modules.
+    ``w8a8_backend``, ``onednn_min_rows`` (W8A8) and ``tile_rows`` (weight-only) are passed to the
+    packed modules (``PackedLinearW8A8``: ``auto`` runs inputs of at most 7 bits on oneDNN).
     """
     kinds: dict[str, str] = {}
     for name, layer in layers.items():
@@ -47,7 +48,8 @@ def pack_model(model: nn.Module, layers: Mapping[str, QuantizedLayer], *,
             continue
         bias = core.bias.detach() if getattr(core, "bias", None) is not None else None
         if kind == "w8a8":
-            packed = PackedLinearW8A8.from_layer(layer, bias, backend=w8a8_backend)
+            packed = PackedLinearW8A8.from_layer(layer, bias, backend=w8a8_backend,
+                                                 onednn_min_rows=onednn_min_rows)
         else:
             packed = PackedLinearWeightOnly.from_layer(layer, bias, tile_rows=tile_rows)
         set_module(model, name, packed)
@@ -60,7 +62,8 @@ def packed_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer of ``model``, each storage counted once (tied weights).
 
     Packed modules hold their packed codes, scales, zero points and look-up tables as buffers, so
-    their storage is counted as it is held in memory.
+    their storage is counted as it is held in memory; memory a module holds outside torch storages
+    (oneDNN's prepacked int8 weights) is added by its ``opaque_bytes()``.
     """
     seen: set[int] = set()
     total = 0
@@ -72,4 +75,7 @@ def packed_bytes(model: nn.Module) -> int:
             continue
         seen.add(storage.data_ptr())
         total += storage.nbytes()
+    for m in model.modules():
+        opaque = getattr(m, "opaque_bytes", None)
+        total += opaque() if callable(opaque) else 0
     return total

@@ -21,13 +21,15 @@ def greedy_tokens(model: nn.Module, input_ids: Tensor, max_new_tokens: int = 32,
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # only the last position's logits
     new: list[Tensor] = []
     past = None
     ids = input_ids
     attention = torch.ones_like(input_ids)
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=attention, use_cache=True, **{key: past})
+        out = model(input_ids=ids, attention_mask=attention, use_cache=True, **{key: past}, **last)
         past = getattr(out, key)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # [1, 1]
         new.append(token)

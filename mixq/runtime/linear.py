@@ -5,10 +5,21 @@ Both modules replace a linear-like layer (``nn.Linear`` or HF ``Conv1D``: ``y = 
 
     x ──► Hadamard (optional) ──► [int8 token codes] ──► packed GEMM ──► (+ bias) ──► Q_out
 
-- :class:`PackedLinearW8A8`: int8 weight codes ``[out, in]`` with per-output-channel fp32 scales, and
-  inputs quantized per token to int8 with exactly mixq's scales and codes. The product is accumulated
-  in int32 (``torch._int_mm``, or an exact fp32 GEMM over K-chunks whose integer partial sums stay
-  below 2**24: both give the same int32 accumulator bit for bit), then ``y = acc * s_x * s_w``.
+- :class:`PackedLinearW8A8`: integer weight codes of at most 8 bits ``[out, in]`` (int8 storage) with
+  per-output-channel fp32 scales, and inputs quantized per token to symmetric integers of at most 8 bits
+  (int8, int7, int6, ...) with exactly mixq's scales and codes. The exact integer accumulator
+  ``acc = xq @ wq^T`` comes from one of the backends below (all give the same value bit for bit), then
+  ``y = float(acc) * s_x * s_w``:
+
+  - ``onednn``: oneDNN's u8 x s8 linear on the weight prepacked once (``tiles.OneDNNWeight``), for
+    7-bit inputs with int8 weights, or 8-bit inputs with weight codes of at most 64 in magnitude
+    (``int7`` weights): wider pairs saturate its int16 pair sums on CPUs without VNNI (see
+    ``tiles.onednn_fits``); K-chunks keep ``|acc| <= 2**24`` so that its fp32 output is exact. ~2x
+    fp32 BLAS on AVX2 at prefill sizes.
+  - ``fp32_exact``: fp32 BLAS over K-chunks of 1024 whose integer partial sums stay below 2**24.
+  - ``int_mm``: ``torch._int_mm`` (a plain loop on CPUs without VNNI: slow, kept as a reference).
+  - ``auto`` (default): ``onednn`` when the codes fit that bound and oneDNN passes its self-test
+    (``tiles.onednn_available``), else ``fp32_exact``.
 - :class:`PackedLinearWeightOnly`: 1..8-bit codes kept densely packed per row (``tiles.pack_rows``),
   with per-channel / per-group / per-tensor scales (sym, asym zero points, asymf offsets, tensor
   scale). ``forward`` decodes ``tile_rows`` output rows at a time to fp32 values identical to
@@ -40,11 +51,12 @@ if TYPE_CHECKING:  # the export layer imports nothing from here; only its data c
     from mixq.export.layers import QuantizedLayer
 
 GEMV_ROWS = 8  # up to this many input rows (decode), the fused numba kernel; more rows: tiles + BLAS
-BACKENDS = tiles.INT_BACKENDS
+BACKENDS = ("auto", "onednn", *tiles.INT_BACKENDS)
 
 
-def _is_int8(fmt) -> bool:
-    return isinstance(fmt, IntFormat) and fmt.bit_width == 8 and fmt.is_signed and not fmt.fraction_bits
+def _is_int_codes(fmt) -> bool:
+    """Signed integers of at most 8 bits without a fraction (held exactly in int8)."""
+    return isinstance(fmt, IntFormat) and fmt.bit_width <= 8 and fmt.is_signed and not fmt.fraction_bits
 
 
 def _plain_scale(spec: QuantSpec) -> bool:
@@ -56,10 +68,10 @@ def _w8a8_reason(layer: QuantizedLayer) -> str | None:
     w, x = layer.weight, layer.inputs
     if w is None or x is None:
         return "W8A8 needs quantized weights and inputs"
-    if not (_is_int8(w.spec.format) and _plain_scale(w.spec) and w.spec.granularity == PerChannel(0)):
-        return f"W8A8 needs int8:channel weights (symmetric, fp32 scales), got {w.spec}"
-    if not (_is_int8(x.format) and _plain_scale(x) and isinstance(x.granularity, PerToken)):
-        return f"W8A8 needs int8:token inputs (symmetric, fp32 scales), got {x}"
+    if not (_is_int_codes(w.spec.format) and _plain_scale(w.spec) and w.spec.granularity == PerChannel(0)):
+        return f"W8A8 needs int8:channel weights (or narrower signed ints; symmetric, fp32 scales), got {w.spec}"
+    if not (_is_int_codes(x.format) and _plain_scale(x) and isinstance(x.granularity, PerToken)):
+        return f"W8A8 needs int8:token inputs (or narrower signed ints; symmetric, fp32 scales), got {x}"
     if not isinstance(x.scale.clip, AbsMaxClip) or x.rounding is not Rounding.NEAREST:
         return f"W8A8 inputs must use absmax scales and nearest rounding, got {x}"
     if layer.static_range is not None:
@@ -123,47 +135,116 @@ class _Packed(nn.Module):
 
 
 class PackedLinearW8A8(_Packed):
-    """int8 weights (per output channel) x int8 per-token inputs, int32 accumulation.
+    """Integer weights (per output channel, <= 8 bits) x per-token integer inputs (<= 8 bits), exact
+    integer accumulation.
 
-    Buffers: ``weight_codes`` int8 ``[out, in]``, ``weight_scale`` fp32 ``[out]``, ``bias`` fp32 ``[out]``
-    or None. ``backend``: ``int_mm`` (torch._int_mm) or ``fp32_exact`` (same int32 result, BLAS speed).
+    Buffers: ``weight_codes`` int8 ``[out, in]`` (None when oneDNN holds the weight alone, see below),
+    ``weight_scale`` fp32 ``[out]``, ``bias`` fp32 ``[out]`` or None. ``backend``: ``auto``, ``onednn``,
+    ``int_mm`` or ``fp32_exact`` (module docstring); :meth:`route` gives the one used for M rows.
+
+    With oneDNN the weight is prepacked once into ``self.onednn`` (``tiles.OneDNNWeight``: about
+    ``in * out`` bytes, one per weight, outside torch's storages; :meth:`opaque_bytes` reports it and
+    ``packed_bytes`` counts it). The plain int8 codes would duplicate it, so they are dropped: every M
+    runs on oneDNN, the codes are rebuilt exactly from the prepacked copy by :meth:`int_weight` and
+    written to / read from the ``state_dict`` as ``weight_codes``. ``onednn_min_rows > 1`` keeps the
+    codes too (2 bytes per weight) and sends fewer rows to ``fp32_exact``, which is ~20 % faster than
+    oneDNN for a single row (decode) on an AVX2 machine without VNNI.
     """
 
     def __init__(self, codes: Tensor, scale: Tensor, inputs: QuantSpec, layer: QuantizedLayer,
-                 bias: Tensor | None, backend: str = "int_mm") -> None:
+                 bias: Tensor | None, backend: str = "auto", onednn_min_rows: int = 1) -> None:
         super().__init__(codes.shape[1], codes.shape[0], layer, bias)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.inputs = inputs
         self._qmin, self._qmax = float(inputs.format.qmin), float(inputs.format.max)
-        self.register_buffer("weight_codes", codes.to(torch.int8).contiguous())
+        codes = codes.to(torch.int8).contiguous()  # [out, in]
+        self._zero_point = -int(inputs.format.qmin)  # u8 activations = codes - qmin
+        w_absmax = int(codes.to(torch.int16).abs().max()) if codes.numel() else 0  # int16: |-128| fits
+        fits = tiles.onednn_fits(int(inputs.format.qmin), int(inputs.format.max), w_absmax)
+        if backend == "onednn" and not fits:
+            raise ValueError(f"the onednn backend needs 7-bit inputs, or 8-bit inputs with weight codes of at "
+                             f"most 64 in magnitude (7-bit weights); {inputs} with weight codes up to {w_absmax} "
+                             "would saturate its int16 pair sums (use auto, fp32_exact or int_mm)")
+        if backend == "onednn" and not tiles.onednn_available():
+            raise RuntimeError("oneDNN's int8 linear is not available or failed its exactness self-test")
+        self.onednn_min_rows = max(1, int(onednn_min_rows))
+        self.onednn = None
+        self._w_absmax = max(1, w_absmax)
+        x_absmax = int(max(-inputs.format.qmin, inputs.format.max))
+        self._onednn_chunk = tiles.onednn_chunk(x_absmax, self._w_absmax)  # 2048 for int7 x int8, int8 x int7
+        if backend in ("auto", "onednn") and fits and tiles.onednn_available():
+            self.onednn = tiles.OneDNNWeight(codes, self._onednn_chunk)
+        keep = self.onednn is None or self.onednn_min_rows > 1
+        self.register_buffer("weight_codes", codes if keep else None)
         self.register_buffer("weight_scale", scale.float().contiguous())
 
     @classmethod
-    def from_layer(cls, layer: QuantizedLayer, bias: Tensor | None,
-                   backend: str = "int_mm") -> "PackedLinearW8A8":
+    def from_layer(cls, layer: QuantizedLayer, bias: Tensor | None, backend: str = "auto",
+                   onednn_min_rows: int = 1) -> "PackedLinearW8A8":
         reason = _w8a8_reason(layer)
         if reason is not None:
             raise ValueError(f"{layer.name}: {reason}")
         w = layer.weight
         values = w.spec.format.decode(w.codes)  # [out, in] fp32 integers in [-128, 127]
-        return cls(values.to(torch.int8), w.scales, layer.inputs, layer, bias, backend)
+        return cls(values.to(torch.int8), w.scales, layer.inputs, layer, bias, backend, onednn_min_rows)
+
+    def route(self, rows: int) -> str:
+        """The backend that computes ``rows`` input rows: ``onednn``, ``fp32_exact`` or ``int_mm``."""
+        if self.onednn is not None and (rows >= self.onednn_min_rows or self.weight_codes is None):
+            return "onednn"
+        return "fp32_exact" if self.backend in ("auto", "onednn") else self.backend
+
+    def int_weight(self) -> Tensor:
+        """The int8 weight codes ``[out, in]`` (the buffer, or rebuilt exactly from oneDNN's copy)."""
+        return self.weight_codes if self.weight_codes is not None else self.onednn.codes()
+
+    def opaque_bytes(self) -> int:
+        """Bytes held outside torch storages (oneDNN's prepacked weight), 0 without it."""
+        return self.onednn.nbytes() if self.onednn is not None else 0
+
+    def int_accumulator(self, xq: Tensor, rows_backend: str | None = None) -> Tensor:
+        """``xq [M, in]`` int8 codes -> the exact int32 accumulator ``[M, out]`` (by :meth:`route`'s
+        backend for M rows, or ``rows_backend``)."""
+        route = rows_backend or self.route(xq.shape[0])
+        if route == "onednn":
+            if self.onednn is None or int(xq.min()) < -self._zero_point or \
+                    not tiles.onednn_fits(-self._zero_point, int(xq.max()), self._w_absmax):
+                raise ValueError("oneDNN holds no weight here, or the codes would saturate its pair sums")
+            return self.onednn.matmul_u8(tiles.u8_from_codes(xq, self._zero_point), self._zero_point)
+        return tiles.int_matmul(xq, self.int_weight(), route)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_codes is None:
+            destination[prefix + "weight_codes"] = self.onednn.codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "weight_codes"
+        if self.weight_codes is None and key in state_dict:
+            self.onednn = tiles.OneDNNWeight(state_dict[key].to(torch.int8).contiguous(), self._onednn_chunk)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}  # not a buffer here
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x [M, in]`` -> (int8 codes ``[M, in]``, fp32 scales ``[M]``): mixq's per-token codes, so that
         ``codes * scales[:, None] == fake_quantize(x, inputs)`` bit for bit.
 
-        The same arithmetic as mixq's absmax rule for a symmetric int8 with fp32 scales (``amax / 127``,
+        The same arithmetic as mixq's absmax rule for a symmetric int with fp32 scales (``amax / qmax``,
         a zero scale becomes 1, ``round_half_even(x / s)``), in three tensor ops; rows holding NaN or inf
         take mixq's reference path (:meth:`quantize_input_reference`)."""
-        X = x.float()
+        q, s = self._quantize(x.float())
+        return q.to(torch.int8), s
+
+    def _quantize(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`quantize_input` with the codes left as fp32 integers ``[M, in]``."""
         s = X.abs().amax(dim=1) / self._qmax  # [M]
         if not torch.isfinite(s).all():
-            return self.quantize_input_reference(X)
+            q, s = self.quantize_input_reference(X)
+            return q.float(), s
         s = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.round(X / s[:, None]).clamp_(self._qmin, self._qmax)  # [M, in] fp32 integers
-        return q.to(torch.int8), s
+        return (X / s[:, None]).round_().clamp_(self._qmin, self._qmax), s  # [M, in] fp32 integers
 
     def quantize_input_reference(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`quantize_input` by mixq's own scale and rounding functions (the oracle)."""
@@ -175,13 +256,19 @@ class PackedLinearW8A8(_Packed):
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = tuple(x.shape), x.dtype
         x2 = self._prepare(x).reshape(-1, self.in_features)  # [M, in]
-        xq, sx = self.quantize_input(x2)
-        acc = tiles.int_matmul(xq, self.weight_codes, self.backend)  # [M, out] int32
-        y = acc.float() * sx[:, None] * self.weight_scale[None, :]
+        q, sx = self._quantize(x2.float())  # [M, in] fp32 integer codes, [M]
+        route = self.route(q.shape[0])
+        if route == "onednn":  # fp32 [M, out]: float(acc), exact integers per chunk
+            acc = self.onednn.matmul_u8(q.add_(self._zero_point).to(torch.uint8), self._zero_point, torch.float32)
+        else:
+            acc = tiles.int_matmul(q.to(torch.int8), self.int_weight(), route).float()  # [M, out]
+        y = acc.mul_(sx[:, None]).mul_(self.weight_scale[None, :])  # (acc * s_x) * s_w, in place
         return self._finish(y, shape, dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, inputs={self.inputs}, backend={self.backend}"
+        held = "onednn" if self.onednn is not None else "int8 codes"
+        return (f"in={self.in_features}, out={self.out_features}, inputs={self.inputs}, backend={self.backend}, "
+                f"weight held as {held}")
 
 
 def _group_layout(layer: QuantizedLayer) -> int:

@@ -120,3 +120,26 @@ def test_greedy_generation_uses_the_cache_consistently() -> None:
     assert torch.equal(ids[:, 6:], new)
     with pytest.raises(ValueError, match=r"\[1, T\]"):
         greedy_tokens(model, TEST, 2)
+
+
+def test_w8a7_model_runs_on_onednn_and_matches_fp32_exact() -> None:
+    """int7 token inputs: ``auto`` puts every W8A8 layer on oneDNN (prepacked weight only); its int32
+    accumulators equal fp32_exact's, so the two packed models give the same logits bit for bit."""
+    from mixq.runtime import tiles
+
+    if not tiles.onednn_available():
+        pytest.skip("oneDNN int8 linear not available")
+    model, layers = quantized(Plan.uniform(LayerSpec(weights=Q("int8:channel"), inputs=Q("int7:token"))))
+    auto, exact = copy.deepcopy(model), copy.deepcopy(model)
+    kinds = pack_model(auto, layers)
+    pack_model(exact, layers, w8a8_backend="fp32_exact")
+    assert set(kinds.values()) == {"w8a8"} and len(kinds) == 14
+    mods = [m for m in auto.modules() if isinstance(m, PackedLinearW8A8)]
+    assert all(m.onednn is not None and m.weight_codes is None and m.route(1) == "onednn" for m in mods)
+    ref, got = logits(model), logits(auto)
+    assert torch.equal(got, logits(exact))
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()  # fp32 noise before token quantizers, as above
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    held = sum(m.opaque_bytes() + m.weight_scale.numel() * 4 for m in mods)
+    expect = sum(bit_count(l.weight.spec, l.weight.shape).bytes for l in layers.values())
+    assert held == expect  # one byte per weight (oneDNN's copy) + one fp32 scale per channel
