@@ -144,7 +144,17 @@ class Evaluation:
 
 
 def open_model(model_or_dir: str | os.PathLike[str]) -> tuple[nn.Module, str | None]:
-    """A model by name/folder, or a run folder with its quantizers; also the run's source model name."""
+    """A model by name/folder, a run folder with its quantizers, or an exported folder (mixq or
+    compressed-tensors, read back to its fake-quant model); also the source model's name if recorded."""
+    from mixq.export.compressed import is_compressed_tensors_folder
+    from mixq.export.mixq_format import is_mixq_folder
+
+    if is_mixq_folder(model_or_dir) or is_compressed_tensors_folder(model_or_dir):
+        from mixq.export.load import read
+
+        exported = read(model_or_dir)
+        meta = exported.meta.get("meta", exported.meta)  # the manifest nests the run's metadata
+        return exported.model, meta.get("model")
     if is_run_folder(model_or_dir):
         model, meta = load_quantized(model_or_dir)
         return model, meta.get("model")

@@ -126,3 +126,14 @@ def test_a_run_with_input_quantizers_exports_from_the_folder_and_from_a_plan(roo
                           "--out", str(root / "mixq-fp8"), *calib(root)])
     assert from_plan["format"] == "mixq" and from_plan["verified"] is True
     assert torch.equal(logits(mixq.load(root / "ct-fp8")), logits(mixq.load(root / "mixq-fp8")))
+
+
+def test_exported_folders_evaluate_like_the_run_they_came_from(root, gptq_run):
+    from mixq.pipeline import evaluate
+
+    out = root / "eval-mixq"
+    run_json(["export", str(gptq_run), "--format", "mixq", "--out", str(out)])
+    kw = {"data": str(root / "tokens.pt"), "windows": 2, "length": 32}
+    a, b = evaluate(gptq_run, **kw), evaluate(out, **kw)
+    assert b.reference == a.reference == str(root / "src")
+    assert b.ppl == a.ppl and b.kl == a.kl
