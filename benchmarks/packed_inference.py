@@ -88,6 +88,7 @@ def last_logits_kwarg(model: torch.nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+@torch.no_grad()
 def timed_generation(model: torch.nn.Module, ids: torch.Tensor, decode: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one prompt ``ids [1, T]`` and ``decode`` greedy steps."""
     key = cache_kwarg(model)
