@@ -43,26 +43,34 @@ def _check(module: nn.Module) -> None:
                                 f"found {type(module).__name__}")
 
 
-def weight_matrix(module: nn.Module) -> Tensor:
-    """The weight as a new fp32 tensor ``[out, in_flat]`` (a copy: write back with set_weight_matrix)."""
+def weight_as_matrix(module: nn.Module) -> Tensor:
+    """The module's weight as ``[out, in_flat]`` in its own dtype: a differentiable view, no copy."""
     _check(module)
-    w = module.weight.detach()
-    if is_hf_conv1d(module):
-        return w.t().float().clone()  # [in, out] -> [out, in]
-    return w.reshape(w.shape[0], -1).float().clone()  # [out, in] or [out, in/groups * prod(k)]
+    w = module.weight
+    return w.t() if is_hf_conv1d(module) else w.reshape(w.shape[0], -1)  # Conv1D stores [in, out]
 
 
-def set_weight_matrix(module: nn.Module, W: Tensor) -> None:
-    """Write ``W`` ``[out, in_flat]`` (any float dtype) into the module in place, keeping its dtype."""
+def matrix_as_weight(module: nn.Module, W: Tensor) -> Tensor:
+    """``W`` ``[out, in_flat]`` in the layout (shape and dtype) of ``module.weight``; differentiable."""
     _check(module)
     w = module.weight
     expected = (w.shape[1], w.shape[0]) if is_hf_conv1d(module) else (w.shape[0], w[0].numel())
     if tuple(W.shape) != expected:
         raise ValueError(f"weight matrix of {type(module).__name__} must be {list(expected)}, "
                          f"found {list(W.shape)}")
-    new = W.t() if is_hf_conv1d(module) else W.reshape(w.shape)
+    return (W.t() if is_hf_conv1d(module) else W.reshape(w.shape)).to(w.dtype)
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The weight as a new fp32 tensor ``[out, in_flat]`` (a copy: write back with set_weight_matrix)."""
+    return weight_as_matrix(module).detach().float().clone()
+
+
+def set_weight_matrix(module: nn.Module, W: Tensor) -> None:
+    """Write ``W`` ``[out, in_flat]`` (any float dtype) into the module in place, keeping its dtype."""
+    new = matrix_as_weight(module, W.detach())
     with torch.no_grad():
-        w.copy_(new.to(device=w.device, dtype=w.dtype))
+        module.weight.copy_(new.to(device=module.weight.device))
 
 
 def _conv_padding(conv: nn.Conv1d | nn.Conv2d) -> list[int]:
