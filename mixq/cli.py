@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mixq
-from mixq import cli_export, cli_ptq, cli_search
+from mixq import cli_export, cli_ptq, cli_search, cli_train
 
 DEFAULT_SPECS = ("int8:channel,mxint8,fp8_e4m3:channel,mxfp8_e4m3,mxfp6_e3m2,int4:g32,mxfp4,nvfp4,nvint4,"
                  "nf4:g64")
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_ptq.add_parsers(sub, common)
     cli_search.add_parsers(sub, common)
     cli_export.add_parsers(sub, common)
+    cli_train.add_parsers(sub, common)
     return parser
 
 
@@ -178,6 +179,7 @@ COMMANDS = {
     "frontier": lambda args: cli_search.cmd_frontier(args, _consoles, _quiet_transformers),
     "export": lambda args: cli_export.cmd_export(args, _consoles, _quiet_transformers),
     "generate": lambda args: cli_export.cmd_generate(args, _consoles, _quiet_transformers),
+    "train": lambda args: cli_train.cmd_train(args, _consoles, _quiet_transformers),
 }
 
 
