@@ -186,8 +186,14 @@ def quantize(x: torch.Tensor, spec: QuantSpec | str, *, generator: torch.Generat
     bad = ~torch.isfinite(sc.scale)[:, None].expand_as(q)
     code0 = spec.format.decode(torch.zeros(1, dtype=torch.int32, device=q.device))
     codes = spec.format.encode(torch.where(bad, code0, q))  # asymmetric: q holds the integers r
+    return _quantized_tensor(grouping.from_groups(codes), sc, spec, x)
+
+
+def _quantized_tensor(codes: torch.Tensor, sc: GroupScales, spec: QuantSpec,
+                      x: torch.Tensor) -> QuantizedTensor:
+    """The :class:`QuantizedTensor` of ``x`` from its element codes (shape of ``x``) and group scales."""
     return QuantizedTensor(
-        codes=grouping.from_groups(codes).contiguous(),
+        codes=codes.contiguous(),
         scales=sc.block,
         scale_codes=spec.scale.format.encode(sc.block),
         zero_points=sc.zero,
@@ -234,25 +240,15 @@ def quantize_with_scales(x: torch.Tensor, spec: QuantSpec | str, scales: GroupSc
         raise ValueError(f"{X.shape[0]} groups in a {tuple(x.shape)} tensor under {spec}, "
                          f"but {tuple(scales.scale.shape)} scales")
     if scales.offset is not None:
-        y = (X - scales.offset[:, None]) / scales.scale[:, None] + spec.format.qmin  # type: ignore[attr-defined]
+        qmin = spec.format.qmin  # type: ignore[attr-defined]  (offsets need integer elements)
+        y = (X - scales.offset[:, None]) / scales.scale[:, None] + qmin
     elif scales.zero is not None:
         y = X / scales.scale[:, None] + scales.zero[:, None]
     else:
         y = X / scales.scale[:, None]
     q = spec.format.round(torch.nan_to_num(y, nan=0.0), Rounding.NEAREST)
     codes = spec.format.encode(q)
-    qt = QuantizedTensor(
-        codes=grouping.from_groups(codes).contiguous(),
-        scales=scales.block,
-        scale_codes=spec.scale.format.encode(scales.block),
-        zero_points=scales.zero,
-        tensor_scale=scales.tensor,
-        spec=spec,
-        shape=tuple(x.shape),
-        dtype=x.dtype,
-        offsets=scales.offset,
-    )
-    return _check_decodes(qt, x)
+    return _check_decodes(_quantized_tensor(grouping.from_groups(codes), scales, spec, x), x)
 
 
 def requantize(x: torch.Tensor, spec: QuantSpec | str) -> QuantizedTensor:
