@@ -111,13 +111,18 @@ def unsupported_layers(layers: dict[str, QuantizedLayer]) -> dict[str, str]:
     return {name: r for name, r in reasons.items() if isinstance(r, str)}
 
 
-def choose_format(requested: str, layers: dict[str, QuantizedLayer]) -> str:
-    """``auto``: compressed-tensors when it expresses every layer, else mixq's own format."""
+def choose_format(requested: str, layers: dict[str, QuantizedLayer]) -> tuple[str, dict[str, str]]:
+    """The format to write and, for ``auto``, the layers compressed-tensors cannot express (with why).
+
+    ``auto``: compressed-tensors when it expresses every layer, else mixq's own format. An explicit
+    format is taken as it is (the compressed-tensors writer refuses what it cannot express).
+    """
     if requested not in FORMATS:
         raise ExportError(f"unknown export format {requested!r}; choose one of {', '.join(FORMATS)}")
     if requested != "auto":
-        return requested
-    return "mixq" if unsupported_layers(layers) else "compressed-tensors"
+        return requested, {}
+    unsupported = unsupported_layers(layers)
+    return ("mixq" if unsupported else "compressed-tensors"), unsupported
 
 
 def _scheme_counts(layers: dict[str, QuantizedLayer]) -> dict[str, int]:
@@ -169,8 +174,7 @@ def export(src: Source, out: str | os.PathLike[str], *, format: str = "auto", ov
 
     t0 = time.perf_counter()
     out = Path(out)
-    chosen = choose_format(format, src.layers)
-    unsupported = unsupported_layers(src.layers) if chosen != "mixq" or format == "auto" else {}
+    chosen, unsupported = choose_format(format, src.layers)
     if chosen == "compressed-tensors":
         from mixq.export.compressed import save_compressed_tensors as write
     else:
