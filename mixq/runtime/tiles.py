@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mixq.export.pack import pack_bits
+
 _BITS = range(1, 9)
 EXACT_K = 1024  # |int8 * int8| <= 2**14, so 1024-term partial sums stay exact in fp32 (<= 2**24)
 INT_BACKENDS = ("int_mm", "fp32_exact")
@@ -48,7 +50,11 @@ def row_padding_bits(cols: int, bits: int) -> int:
 
 
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
-    """Pack ``codes`` (int ``[R, C]``, values in ``[0, 2**bits)``) into ``uint8 [R, packed_row_bytes]``."""
+    """Pack ``codes`` (int ``[R, C]``, values in ``[0, 2**bits)``) into ``uint8 [R, packed_row_bytes]``.
+
+    Each row is :func:`mixq.export.pack.pack_bits`'s LSB-first stream of its codes, padded with zero
+    codes to a multiple of 8 (8 codes fill exactly ``bits`` bytes), so rows start on byte boundaries.
+    """
     _check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"pack_rows needs a [rows, cols] code matrix, got shape {tuple(codes.shape)}")
@@ -57,15 +63,8 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
         raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing, "
                          f"found [{int(c.min())}, {int(c.max())}]")
     R, C = c.shape
-    pad = (-C) % 8
-    if pad:
-        c = torch.cat([c, c.new_zeros(R, pad)], dim=1)
-    octets = c.reshape(R, -1, 8)  # [R, C8, 8]: 8 codes fill exactly `bits` bytes
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    word = (octets << shifts).sum(dim=-1)  # [R, C8] int64 holding 8*bits <= 64 bits (no overlap)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    data = (word[..., None] >> byte_shifts) & 0xFF  # [R, C8, bits]
-    return data.to(torch.uint8).reshape(R, -1).contiguous()
+    padded = torch.nn.functional.pad(c, (0, (-C) % 8))  # [R, C8 * 8]
+    return pack_bits(padded, bits).reshape(R, packed_row_bytes(C, bits)).contiguous()
 
 
 def unpack_rows(data: Tensor, bits: int, cols: int) -> Tensor:
