@@ -22,7 +22,6 @@ from transformers import AutoModelForCausalLM
 from mixq.algorithms.runner import quantize_model
 from mixq.export.compressed import read_compressed_tensors, save_compressed_tensors
 from mixq.export.layers import quantized_layers
-from mixq.model.load import load_model
 from mixq.model.plan_match import resolve
 from mixq.plan import LayerSpec, Plan, Rule
 from mixq.quant import QuantSpec
@@ -45,10 +44,8 @@ PLANS = {
 
 
 @pytest.fixture(scope="module")
-def cut():
-    model = load_model("smollm2")
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
+def cut(smollm2_cut):
+    model = copy.deepcopy(smollm2_cut)
     return model
 
 

@@ -7,6 +7,8 @@ greedy text of the packed model must equal that of the fake-quant model (``--fak
 
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import io
 import json
@@ -15,7 +17,6 @@ import pytest
 
 from mixq.algorithms.runner import quantize_model
 from mixq.cli import main
-from mixq.model.load import load_model
 from mixq.model.plan_match import resolve
 from mixq.model.run_folder import save_quantized
 from mixq.pipeline import load_tokenizer
@@ -27,10 +28,8 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    model = load_model("smollm2")
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
+def run_folder(tmp_path_factory, smollm2_cut):
+    model = copy.deepcopy(smollm2_cut)
     resolved = resolve(Plan.uniform(LayerSpec(weights=QuantSpec.parse("int4:g64"))), model)
     report = quantize_model(model, resolved)
     out = tmp_path_factory.mktemp("gen") / "run"

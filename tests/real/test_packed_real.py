@@ -18,7 +18,7 @@ import torch
 
 from mixq.algorithms.runner import quantize_model
 from mixq.export.layers import quantized_layers
-from mixq.model.load import load_model, resolve
+from mixq.model.load import resolve
 from mixq.model.packed import pack_model
 from mixq.model.plan_match import resolve as resolve_plan
 from mixq.plan import LayerSpec, Plan
@@ -32,10 +32,8 @@ TEST = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(
 
 
 @pytest.fixture(scope="module")
-def cut():
-    model = load_model("smollm2")
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
+def cut(smollm2_cut):
+    model = copy.deepcopy(smollm2_cut)
     return model
 
 

@@ -34,10 +34,8 @@ TEST = torch.randint(0, 49152, (2, 128), generator=torch.Generator().manual_seed
 
 
 @pytest.fixture(scope="module")
-def cut():
-    model = load_model("smollm2")
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
+def cut(smollm2_cut):
+    model = copy.deepcopy(smollm2_cut)
     with torch.no_grad():
         ref = model(input_ids=TEST).logits
     return model, ref

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from mixq.algorithms.runner import quantize_model
-from mixq.model.load import load_model
 from mixq.plan import LayerSpec, Plan, parse_candidates
 from mixq.quant import QuantSpec
 from mixq.sensitivity.profile import profile
@@ -31,13 +30,11 @@ pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
-def cut():
+def cut(smollm2_cut):
     from mixq.eval.corpus import calibration_windows
     from mixq.pipeline import load_tokenizer, token_source
 
-    model = load_model("smollm2")
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
+    model = copy.deepcopy(smollm2_cut)
     pool, test = token_source("wiki", load_tokenizer("smollm2"), 128)
     calib = calibration_windows(pool, 4, 128, seed=0)  # [4, 128]
     held_out = test[: 2 * 128].reshape(2, 128)
