@@ -4,12 +4,12 @@ and :mod:`mixq.runtime`."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
 from typing import Any
+
+from mixq.cli_progress import progress_bar
 
 EXPORT_EXAMPLE = """example:
   mixq export runs/smollm2-int4-gptq --out ckpt/smollm2-int4        # a run folder, compressed-tensors if it can
@@ -62,18 +62,10 @@ def cmd_export(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     check_output(args.out, args.source, args.overwrite)  # and output errors before any heavy work
     out, err = consoles()
     quiet()
-    from mixq.cli_ptq import _bar
-
-    with _bar(err) as bar, contextlib.redirect_stderr(io.StringIO()):
-        task = bar.add_task("loading", total=None)
-
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, description=stage, completed=done, total=total)
-
-        kw = {"calib": args.calib, "samples": args.samples, "length": args.length, "progress": progress}
-        src = exported_layers(args.source, plan, quantize_kw=kw,
-                              status=lambda msg: bar.update(task, description=msg[-60:]))
-        bar.update(task, description="writing" + ("" if args.no_verify else " and verifying"), total=None)
+    with progress_bar(err, "loading") as bar:
+        kw = {"calib": args.calib, "samples": args.samples, "length": args.length, "progress": bar.progress}
+        src = exported_layers(args.source, plan, quantize_kw=kw, status=bar.status)
+        bar.update(description="writing" + ("" if args.no_verify else " and verifying"), total=None)
         outcome = export(src, args.out, format=args.format, overwrite=args.overwrite, verify=not args.no_verify)
     result = outcome.to_json()
     if args.json:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
+
+from mixq.cli_progress import progress_bar
 
 QUANTIZE_EXAMPLE = """example:
   mixq quantize smollm2 --spec int4:g64 --algorithm gptq --out runs/smollm2-int4-gptq
@@ -100,13 +100,6 @@ def build_plan(args: argparse.Namespace) -> Any:
     return Plan.uniform(spec, keep=keep)
 
 
-def _bar(err: Any) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
-
-
 def cmd_quantize(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     """``mixq quantize``: build the plan, quantize, save, optionally evaluate; print a summary."""
     from mixq.pipeline import evaluate, quantize
@@ -114,22 +107,17 @@ def cmd_quantize(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     plan = build_plan(args)  # spec and plan errors before loading anything
     out, err = consoles()
     quiet()
-    with _bar(err) as bar, contextlib.redirect_stderr(io.StringIO()):
-        task = bar.add_task("loading", total=None)
-
-        def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, description=stage, completed=done, total=total)
-
+    with progress_bar(err, "loading") as bar:
         outcome = quantize(args.model, plan, calib=args.calib, samples=args.samples, length=args.length,
                            batch_size=args.batch_size, rotate=args.rotate, rotate_seed=args.rotate_seed,
-                           out=args.out, overwrite=args.overwrite, progress=progress,
-                           status=lambda msg: bar.update(task, description=msg[-60:]))
+                           out=args.out, overwrite=args.overwrite, progress=bar.progress,
+                           status=bar.status)
         evaluation = None
         if args.eval:
-            bar.update(task, description="evaluating", completed=0, total=None)
+            bar.update(description="evaluating", completed=0, total=None)
             evaluation = evaluate(args.out or args.model, model=outcome.model,
                                   reference=args.model, agreement_windows=args.kl_windows,
-                                  progress=lambda d, t: bar.update(task, completed=d, total=t))
+                                  progress=lambda d, t: bar.update(completed=d, total=t))
     result = outcome.to_json()
     if evaluation is not None:
         result["eval"] = evaluation.to_json()
@@ -184,12 +172,11 @@ def cmd_eval(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
 
     out, err = consoles()
     quiet()
-    with _bar(err) as bar, contextlib.redirect_stderr(io.StringIO()):
-        task = bar.add_task("evaluating", total=None)
+    with progress_bar(err, "evaluating") as bar:
         result = evaluate(args.model, data=args.data, windows=args.windows, length=args.length,
                           reference=args.reference, compare=not args.no_reference,
                           agreement_windows=args.kl_windows,
-                          progress=lambda d, t: bar.update(task, completed=d, total=t))
+                          progress=lambda d, t: bar.update(completed=d, total=t))
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
         return 0

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixq.cli_ptq import _bar
+from mixq.cli_progress import progress_bar
 
 PROFILE_EXAMPLE = """example:
   mixq profile smollm2 --out runs/profile-smollm2                  # default candidates, weight/fisher/hessian
@@ -150,12 +150,6 @@ def _load_table(args: argparse.Namespace) -> Any:
     return SensitivityTable.load(args.profile)
 
 
-def _progress(bar: Any, task: Any) -> Any:
-    def progress(stage: str, done: int, total: int) -> None:
-        bar.update(task, description=stage[-60:], completed=done, total=total)
-    return progress
-
-
 def _num(v: Any, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
@@ -168,16 +162,14 @@ def cmd_profile(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     cands = parse_candidates(args.candidates)  # candidate errors before loading anything
     out, err = consoles()
     quiet()
-    with _bar(err) as bar, contextlib.redirect_stderr(io.StringIO()):
-        task = bar.add_task("loading", total=None)
+    with progress_bar(err, "loading") as bar:
         table = profile_model(args.model, [c.name for c in cands], metrics=_items(args.metrics) or [],
                               calib=args.calib, samples=args.samples, length=args.length,
                               batch_size=args.batch_size,
                               keep=tuple(_items(args.keep) or ()), validate=args.validate,
                               validate_samples=args.validate_samples,
                               hutchinson_samples=args.hutchinson_samples, seed=args.seed, out=args.out,
-                              overwrite=args.overwrite, progress=_progress(bar, task),
-                              status=lambda msg: bar.update(task, description=msg[-60:]))
+                              overwrite=args.overwrite, progress=bar.progress, status=bar.status)
     summary = profile_summary(table)
     if args.json:
         print(json.dumps(json_safe({"out": str(args.out), "model": table.model, "layers": len(table.layers),
@@ -305,16 +297,15 @@ def cmd_frontier(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     table = _load_table(args)
     out, err = consoles()
     quiet()
-    with _bar(err) as bar, contextlib.redirect_stderr(io.StringIO()):
-        task = bar.add_task("searching", total=None)
-        status = lambda msg: bar.update(task, description=msg[-60:])  # noqa: E731
+    with progress_bar(err, "searching") as bar:
+        status = bar.status
         if args.model is not None and not args.measure:
             check_profile_model(table, args.model, status=status)
         result = frontier(table, budgets, families=_items(args.families) or [], measure=args.measure,
                           model_name=args.model, eval_windows=args.eval_windows, calib=args.calib,
                           calib_samples=args.samples, length=args.length, batch_size=args.batch_size,
                           measure_uniform=args.measure_uniform,
-                          progress=_progress(bar, task), status=status, **kwargs)
+                          progress=bar.progress, status=status, **kwargs)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, allow_nan=False))
         return 0

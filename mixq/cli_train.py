@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
+
+from mixq.cli_progress import progress_bar
 
 TRAIN_EXAMPLE = """example:
   mixq train --task fashion-mnist --recipe fp8 --optimizer adam --steps 300 --out runs/fmnist-fp8
@@ -103,19 +103,18 @@ def cmd_train(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     keep = None if args.keep is None else tuple(k.strip() for k in args.keep.split(",") if k.strip())
     out, err = consoles()
     quiet()
-    with _bar(err) as bar, contextlib.redirect_stderr(io.StringIO()):
-        task_id = bar.add_task(f"loading {args.task}", total=None)
+    with progress_bar(err, f"loading {args.task}") as bar:
         task = get_task(args.task)
-        bar.update(task_id, description="training", total=args.steps, completed=0)
+        bar.update(description="training", total=args.steps, completed=0)
 
         def progress(step: int, steps: int, loss: float) -> None:
-            bar.update(task_id, completed=step, description=f"training (loss {loss:.4f})")
+            bar.update(completed=step, description=f"training (loss {loss:.4f})")
 
         result = train(task, args.recipe, args.optimizer, args.steps, args.seed, lr=args.lr,
                        weight_format=args.weight_format, rule=args.rule, qat=args.qat,
                        ptq_baseline=not args.no_ptq_baseline, keep=keep, eval_every=args.eval_every,
                        progress=progress)
-        bar.update(task_id, description="writing", total=None)
+        bar.update(description="writing", total=None)
         paths = write_outputs(result, args.out)
     summary = result.to_json()
     if args.json:
@@ -134,9 +133,3 @@ def cmd_train(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
         err.print(f"note: {note}")
     err.print(f"wrote {args.out}")
     return 0
-
-
-def _bar(err: Any) -> Any:
-    from mixq.cli_ptq import _bar as bar
-
-    return bar(err)
