@@ -13,7 +13,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import mixq
 from mixq.cli import main
@@ -24,14 +23,8 @@ TEST = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2)
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-export")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=128, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "src")
-    torch.save(torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0)), root / "tokens.pt")
-    return root
+def root(tmp_path_factory, make_llama_folder):
+    return make_llama_folder(tmp_path_factory.mktemp("cli-export"))
 
 
 def run_json(args: list[str]) -> dict:

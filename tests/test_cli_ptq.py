@@ -12,8 +12,6 @@ import json
 import math
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mixq.cli import main
 from mixq.model.run_folder import load_quantized
@@ -21,14 +19,8 @@ from mixq.plan import Plan
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=128, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "src")
-    torch.save(torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0)), root / "tokens.pt")
-    return root
+def folders(tmp_path_factory, make_llama_folder):
+    return make_llama_folder(tmp_path_factory.mktemp("cli"))
 
 
 def quantize_args(root, out, *extra):
