@@ -31,6 +31,7 @@ from mixq.algorithms.awq import awq_clip, awq_search
 from mixq.algorithms.bias_correction import corrected_bias
 from mixq.algorithms.gptq import gptq
 from mixq.algorithms.hessian import layer_loss
+from mixq.algorithms.hooks import RunHooks
 from mixq.algorithms.layer_stats import LayerStats
 from mixq.algorithms.report import LayerReport, QuantizeReport
 from mixq.algorithms.rtn import rtn
@@ -82,8 +83,10 @@ class _Walker:
     """State of one quantization run (the model, the resolved plan, calibration inputs)."""
 
     def __init__(self, model: nn.Module, resolved: ResolvedPlan, calib: Tensor | None, batch_size: int,
-                 forward: Callable[[nn.Module, Tensor], Any], progress: Progress | None) -> None:
+                 forward: Callable[[nn.Module, Tensor], Any], progress: Progress | None,
+                 hooks: RunHooks | None = None) -> None:
         self.model = model
+        self.hooks = hooks or RunHooks()
         self.resolved = resolved
         self.rows = {r.name: r for r in resolved.layers if r.kind != "attention"}
         self.calib = calib
@@ -140,6 +143,9 @@ class _Walker:
             run()
         for q in observed:
             q.observing = False
+        self.hooks.reduce_stats(list({id(s): s for s in stats.values()}.values()))
+        if observed:
+            self.hooks.reduce_observers(observed)
         return {n: stats[share[n]] for n in names}
 
     def shared_inputs(self, names: list[str]) -> dict[str, str]:
@@ -289,13 +295,14 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
 def quantize_model(model: nn.Module, plan: Plan | ResolvedPlan, calib: Tensor | None = None, *,
                    batch_size: int = 8, rotate: str | None = None, rotate_seed: int | None = None,
                    forward: Callable[[nn.Module, Tensor], Any] = default_forward,
-                   progress: Progress | None = None) -> QuantizeReport:
+                   progress: Progress | None = None, hooks: RunHooks | None = None) -> QuantizeReport:
     """Quantize ``model`` in place following ``plan``; returns the report.
 
     ``calib``: calibration inputs, ``[n, T]`` token ids or ``[n, ...]`` float inputs (needed when a
     layer's algorithm or options use data). ``rotate``: offline rotation of the residual stream
     (``hadamard`` | ``random``) folded into the weights first. Errors in the plan (a spec that does
-    not fit a layer, a missing architecture fact) are raised before any calibration.
+    not fit a layer, a missing architecture fact) are raised before any calibration. ``hooks``:
+    where a streamed or data-parallel run plugs in (:mod:`mixq.algorithms.hooks`).
     """
     t0 = time.perf_counter()
     resolved = plan if isinstance(plan, ResolvedPlan) else resolve(plan, model)
@@ -314,7 +321,7 @@ def quantize_model(model: nn.Module, plan: Plan | ResolvedPlan, calib: Tensor | 
             rotation = vars(rotate_residual(model, kind=rotate, seed=rotate_seed))
         untie_lm_head(model, resolved)
         install_quantizers(model, resolved, rotate_weights=True)
-        walker = _Walker(model, resolved, calib, batch_size, forward, progress)
+        walker = _Walker(model, resolved, calib, batch_size, forward, progress, hooks)
         for row in resolved.layers:
             if row.kind != "attention" and row.spec.weights is not None:
                 walker.report_for(row.name)
@@ -338,9 +345,14 @@ def _walk_blocks(w: _Walker) -> None:
     data_needed = w.calib is not None and any(_needs_data(r) for r in in_blocks)
     if not block_list:
         return
-    inputs = w.capture(block_list[0][1]) if data_needed else []
+    first, inputs = w.hooks.start([b for b, _ in block_list])
+    if inputs is None:
+        inputs = w.capture(block_list[first][1]) if data_needed else []
     for i, (block_name, block) in enumerate(block_list):
+        if i < first:
+            continue
         w.progress("blocks", i, len(block_list))
+        w.hooks.enter_block(i, block_name, block)
         names = [n for n in w.rows if n.startswith(f"{block_name}.")]
         use_data = data_needed and any(_needs_data(w.rows[n]) for n in names)
         stats: dict[str, LayerStats] = {}
@@ -352,8 +364,12 @@ def _walk_blocks(w: _Walker) -> None:
         for q in quantizers(block):
             q.enabled = True
         del stats
-        if data_needed and i + 1 < len(block_list):
+        if data_needed:
             inputs = [((_block_output(block(*a, **k)),) + tuple(a[1:]), k) for a, k in inputs]
+        last = i + 1 == len(block_list)
+        w.hooks.leave_block(i, block_name, block, None if last or not data_needed else inputs)
+        if last and data_needed:
+            w.hooks.final_hidden([a[0] for a, _ in inputs])
     w.progress("blocks", len(block_list), len(block_list))
 
 
