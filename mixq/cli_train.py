@@ -14,7 +14,9 @@ from mixq.cli_progress import progress_bar
 TRAIN_EXAMPLE = """example:
   mixq train --task fashion-mnist --recipe fp8 --optimizer adam --steps 300 --out runs/fmnist-fp8
   mixq train --task wiki-lm --recipe nvfp4 --optimizer eco --steps 100 --out runs/lm-nvfp4-eco
-  mixq train --task fashion-mnist --qat int4:g32 --steps 300 --out runs/fmnist-qat-int4"""
+  mixq train --task fashion-mnist --qat int4:g32 --steps 300 --out runs/fmnist-qat-int4
+  mixq train --task fashion-mnist --qat int2:channel --qat-init fp32 --pretrain-steps 300 --steps 150 \
+      --lr 3e-4 --out runs/fmnist-qat-int2-ft"""
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -41,6 +43,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--qat", default=None, metavar="SPEC", help="QAT of the weights with SPEC (recipe fp32); "
                    "also trains an fp32 model and quantizes it with SPEC for comparison")
     p.add_argument("--no-ptq-baseline", action="store_true", help="with --qat: skip the PTQ comparison")
+    p.add_argument("--qat-init", choices=("scratch", "fp32"), default="scratch",
+                   help="with --qat: train from the random init (scratch) or fine-tune an fp32-trained model "
+                        "(fp32: trained --pretrain-steps steps first; that model and its PTQ are the baseline)")
+    p.add_argument("--pretrain-steps", type=int, default=None, metavar="N",
+                   help="with --qat-init fp32: fp32 steps before QAT (default: --steps)")
+    p.add_argument("--pretrain-lr", type=float, default=None, help="with --qat-init fp32: fp32 learning rate "
+                   "(default: the task's; --lr is then the fine-tuning rate)")
     p.add_argument("--keep", default=None,
                    help="comma-separated layer patterns kept in full precision (default: the task's)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N steps too")
@@ -108,11 +117,12 @@ def cmd_train(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
         bar.update(description="training", total=args.steps, completed=0)
 
         def progress(step: int, steps: int, loss: float) -> None:
-            bar.update(completed=step, description=f"training (loss {loss:.4f})")
+            bar.update(completed=step, total=steps, description=f"training (loss {loss:.4f})")
 
         result = train(task, args.recipe, args.optimizer, args.steps, args.seed, lr=args.lr,
                        weight_format=args.weight_format, rule=args.rule, qat=args.qat,
                        ptq_baseline=not args.no_ptq_baseline, keep=keep, eval_every=args.eval_every,
+                       qat_init=args.qat_init, pretrain_steps=args.pretrain_steps, pretrain_lr=args.pretrain_lr,
                        progress=progress)
         bar.update(description="writing", total=None)
         paths = write_outputs(result, args.out)

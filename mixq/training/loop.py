@@ -18,6 +18,14 @@
 4. With ``qat`` and ``ptq_baseline``: the same model trained in fp32 with the same seed, optimizer and
    steps, then quantized with the same spec by round to nearest (prepare_qat without learned scales,
    then convert: what the PTQ path gives) and evaluated, for comparison.
+
+QAT starts from the seed's random init (``qat_init="scratch"``) or fine-tunes (``qat_init="fp32"``):
+the model is first trained in fp32 for ``pretrain_steps`` steps (that model and its PTQ are the
+baseline, so nothing is trained twice), then prepared for QAT (learned steps initialized by the spec's
+scale rule on the trained weights) and trained ``steps`` more steps on a fresh batch order
+(generator seed ``seed + FINETUNE_SEED_OFFSET``). Since QAT then trains longer than the fp32 model,
+the baseline also reports ``fp32_continued``: a copy of the fp32 model trained the same ``steps`` more
+steps, same optimizer, rate and batches, in fp32 (the fair ceiling for the QAT model).
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from mixq.training.recipes import Override, recipe as get_recipe
 from mixq.training.tasks import Task
 
 OPTIMIZERS = ("adam", "sgd", "eco", "sr", "naive", "master")
+QAT_INITS = ("scratch", "fp32")
+FINETUNE_SEED_OFFSET = 1_000_003
 Progress = Callable[[int, int, float], None]
 
 
@@ -48,7 +58,8 @@ class TrainResult:
     """What a run measured. ``losses[i]``, ``step_seconds[i]``: training loss and wall time of step
     ``i``; ``evals``: ``(step, metrics)`` pairs (step = steps done); ``metrics``: the final evaluation;
     ``ptq``: with QAT, the fp32-trained model's metrics before (``fp32``) and after (``ptq``)
-    quantization; ``optimizer_state_bytes``: bytes of the optimizer's state tensors."""
+    quantization, and ``fp32_continued`` when QAT fine-tuned it (see the module docstring);
+    ``optimizer_state_bytes``: bytes of the optimizer's state tensors."""
 
     task: str
     recipe: str
@@ -69,6 +80,8 @@ class TrainResult:
     parameters: int = 0
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    qat_init: str | None = None
+    pretrain_steps: int = 0
 
     @property
     def final(self) -> float:
@@ -201,18 +214,25 @@ def _qat_plan(spec: QuantSpec, keep: Sequence[str]) -> Any:
 def train(task: Task, recipe: str = "fp32", optimizer: str = "adam", steps: int = 100, seed: int = 0, *,
           lr: float | None = None, weight_format: QuantSpec | str | None = None, rule: str = "adam",
           qat: QuantSpec | str | None = None, ptq_baseline: bool = True, keep: Sequence[str] | None = None,
-          overrides: Sequence[Override] = (), eval_every: int = 0,
+          overrides: Sequence[Override] = (), eval_every: int = 0, qat_init: str = "scratch",
+          pretrain_steps: int | None = None, pretrain_lr: float | None = None,
           progress: Progress | None = None) -> TrainResult:
     """Train ``task``'s model for ``steps`` steps (see the module docstring); returns a :class:`TrainResult`.
 
     ``lr``: default ``task.lr`` for the optimizer's rule (``sgd`` for ``sgd``, else ``rule``).
     ``keep``: layer patterns kept in full precision (default ``task.keep``), prepended to ``overrides``
     as ``(pattern, None)``. ``progress(step, steps, loss)`` is called after each step.
+    ``qat_init``: ``scratch`` | ``fp32`` (fine-tune a model trained ``pretrain_steps`` steps, default
+    ``steps``, in fp32 at ``pretrain_lr``, default the task's; ``lr`` is then the fine-tuning rate).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
+    if qat_init not in QAT_INITS:
+        raise ValueError(f"unknown qat_init {qat_init!r}; expected one of {', '.join(QAT_INITS)}")
+    if qat_init != "scratch" and qat is None:
+        raise ValueError(f"qat_init={qat_init!r} fine-tunes a QAT model: give a qat spec too")
     formats = get_recipe(recipe)  # unknown recipe -> KeyError listing them
     keep = tuple(task.keep if keep is None else keep)
     family = "sgd" if optimizer == "sgd" else rule
@@ -221,6 +241,20 @@ def train(task: Task, recipe: str = "fp32", optimizer: str = "adam", steps: int 
     notes: list[str] = []
     swapped: dict[str, str] = {}
     qat_spec = None
+    baseline = None
+    pre_steps = 0
+    if qat is not None and qat_init == "fp32":
+        pre_steps = steps if pretrain_steps is None else pretrain_steps
+        pre_lr = task.lr[family] if pretrain_lr is None else pretrain_lr
+        spec = qat if isinstance(qat, QuantSpec) else QuantSpec.parse(qat)
+        model, baseline = _pretrained(task, optimizer, pre_steps, seed, spec, keep=keep, lr=pre_lr, rule=rule,
+                                      progress=progress)
+        if ptq_baseline and optimizer in ("adam", "sgd"):
+            float_model = copy.deepcopy(model)
+            float_opt, _ = make_optimizer(float_model, optimizer, lr, keep=keep, rule=rule, seed=seed)
+            baseline["fp32_continued"] = _loop(task, float_model, float_opt, steps, seed + FINETUNE_SEED_OFFSET,
+                                               0, None)[2][-1][1]
+            del float_model, float_opt
     if qat is not None:
         from mixq.training.qat import prepare_qat
 
@@ -236,7 +270,8 @@ def train(task: Task, recipe: str = "fp32", optimizer: str = "adam", steps: int 
     opt, opt_notes = make_optimizer(model, optimizer, lr, weight_format=wf if optimizer not in ("adam", "sgd")
                                     else None, keep=keep, rule=rule, seed=seed)
     notes += opt_notes
-    losses, times, evals = _loop(task, model, opt, steps, seed, eval_every, progress)
+    data_seed = seed + FINETUNE_SEED_OFFSET if pre_steps else seed
+    losses, times, evals = _loop(task, model, opt, steps, data_seed, eval_every, progress)
     if len(losses) < steps:
         notes.append(f"stopped at step {len(losses)}: the loss is not finite")
     from mixq.training.optim import state_bytes
@@ -246,10 +281,30 @@ def train(task: Task, recipe: str = "fp32", optimizer: str = "adam", steps: int 
                          evals, None if wf is None or optimizer in ("adam", "sgd") else str(wf),
                          None if qat_spec is None else str(qat_spec), None, swapped, state_bytes(opt),
                          sum(p.numel() for p in model.parameters()), notes, dict(task.info))
-    if qat_spec is not None and ptq_baseline:
+    result.qat_init = None if qat_spec is None else qat_init
+    result.pretrain_steps = pre_steps
+    if baseline is not None:
+        result.ptq = baseline
+    elif qat_spec is not None and ptq_baseline:
         result.ptq = ptq_baseline_metrics(task, optimizer, steps, seed, qat_spec, keep=keep, lr=lr, rule=rule,
                                           weight_format=wf)
     return result
+
+
+def _pretrained(task: Task, optimizer: str, steps: int, seed: int, spec: QuantSpec, *, keep: Sequence[str],
+                lr: float, rule: str = "adam", weight_format: QuantSpec | str | None = None,
+                progress: Progress | None = None) -> tuple[nn.Module, dict[str, dict[str, float]]]:
+    """The task's model trained in fp32 (seeded) and ``{"fp32": metrics, "ptq": metrics}``, the PTQ
+    being round to nearest on ``spec`` of a copy (the returned model keeps its float weights)."""
+    from mixq.training.qat import convert, prepare_qat
+
+    model = task.build_model(seed)
+    grid = weight_format if optimizer not in ("adam", "sgd") else None
+    opt, _ = make_optimizer(model, optimizer, lr, weight_format=grid, keep=keep, rule=rule, seed=seed)
+    _, _, evals = _loop(task, model, opt, steps, seed, 0, progress)
+    quantized = convert(prepare_qat(copy.deepcopy(model), _qat_plan(spec, keep), learn_scales=False))
+    quantized.eval()
+    return model, {"fp32": evals[-1][1], "ptq": task.evaluate(quantized)}
 
 
 def ptq_baseline_metrics(task: Task, optimizer: str, steps: int, seed: int, spec: QuantSpec, *,
@@ -257,15 +312,8 @@ def ptq_baseline_metrics(task: Task, optimizer: str, steps: int, seed: int, spec
                          weight_format: QuantSpec | str | None = None) -> dict[str, dict[str, float]]:
     """Train the task's model in fp32 (same seed, optimizer, steps), then quantize its weights with
     ``spec`` by round to nearest; returns ``{"fp32": metrics, "ptq": metrics}``."""
-    from mixq.training.qat import convert, prepare_qat
-
-    model = task.build_model(seed)
-    grid = weight_format if optimizer not in ("adam", "sgd") else None
-    opt, _ = make_optimizer(model, optimizer, lr, weight_format=grid, keep=keep, rule=rule, seed=seed)
-    _, _, evals = _loop(task, model, opt, steps, seed, 0, None)
-    quantized = convert(prepare_qat(copy.deepcopy(model), _qat_plan(spec, keep), learn_scales=False))
-    quantized.eval()
-    return {"fp32": evals[-1][1], "ptq": task.evaluate(quantized)}
+    return _pretrained(task, optimizer, steps, seed, spec, keep=keep, lr=lr, rule=rule,
+                       weight_format=weight_format)[1]
 
 
-__all__ = ["OPTIMIZERS", "TrainResult", "make_optimizer", "ptq_baseline_metrics", "train"]
+__all__ = ["OPTIMIZERS", "QAT_INITS", "TrainResult", "make_optimizer", "ptq_baseline_metrics", "train"]

@@ -124,6 +124,20 @@ def test_qat_mode_with_ptq_baseline(cnn):
         train(cnn, "fp8", "adam", 1, qat="int4:g8")
 
 
+def test_qat_fine_tuning_starts_from_the_fp32_trained_model(cnn):
+    fp32 = train(cnn, "fp32", "adam", 6, seed=0)
+    tuned = train(cnn, "fp32", "adam", 3, seed=0, qat="int4:tensor", qat_init="fp32", pretrain_steps=6)
+    scratch = train(cnn, "fp32", "adam", 3, seed=0, qat="int4:tensor", ptq_baseline=False)
+    assert tuned.qat_init == "fp32" and tuned.pretrain_steps == 6
+    assert tuned.ptq["fp32"] == fp32.metrics  # the same seeded fp32 run, not a second different one
+    assert set(tuned.ptq) == {"fp32", "ptq", "fp32_continued"}
+    assert tuned.losses[0] < scratch.losses[0]  # its first QAT step already sees trained weights
+    with pytest.raises(ValueError, match="qat_init"):
+        train(cnn, "fp32", "adam", 1, qat="int4:tensor", qat_init="pretrained")
+    with pytest.raises(ValueError, match="qat spec"):
+        train(cnn, "fp32", "adam", 1, qat_init="fp32")
+
+
 def _cli(argv):
     from mixq import cli, cli_train
 
