@@ -43,6 +43,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--qat", default=None, metavar="SPEC", help="QAT of the weights with SPEC (recipe fp32); "
                    "also trains an fp32 model and quantizes it with SPEC for comparison")
     p.add_argument("--no-ptq-baseline", action="store_true", help="with --qat: skip the PTQ comparison")
+    p.add_argument("--scaling", choices=("current", "delayed", "predicted"), default="current",
+                   help="scales of the recipe's per-tensor operands: each tensor's own amax (current), a 16-step "
+                        "amax history (delayed), or MOSS-style predicted weight scales (predicted)")
     p.add_argument("--qat-init", choices=("scratch", "fp32"), default="scratch",
                    help="with --qat: train from the random init (scratch) or fine-tune an fp32-trained model "
                         "(fp32: trained --pretrain-steps steps first; that model and its PTQ are the baseline)")
@@ -122,7 +125,7 @@ def cmd_train(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
         result = train(task, args.recipe, args.optimizer, args.steps, args.seed, lr=args.lr,
                        weight_format=args.weight_format, rule=args.rule, qat=args.qat,
                        ptq_baseline=not args.no_ptq_baseline, keep=keep, eval_every=args.eval_every,
-                       qat_init=args.qat_init, pretrain_steps=args.pretrain_steps, pretrain_lr=args.pretrain_lr,
+                       qat_init=args.qat_init, scaling=args.scaling, pretrain_steps=args.pretrain_steps, pretrain_lr=args.pretrain_lr,
                        progress=progress)
         bar.update(description="writing", total=None)
         paths = write_outputs(result, args.out)

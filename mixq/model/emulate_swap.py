@@ -20,7 +20,7 @@ from mixq.quant.granularity import Grouping
 from mixq.training.emulated import ROLES, EmulatedLinear, GemmFormats, is_identity
 from mixq.training.emulated_conv import EmulatedConv2d
 from mixq.training.recipes import Override, formats_for
-from mixq.training.scaling import DelayedScaling
+from mixq.training.scaling import DelayedScaling, PredictedScaling
 
 
 def quantizes_something(formats: GemmFormats | None) -> bool:
@@ -46,7 +46,8 @@ def _check_fits(name: str, W: Tensor, formats: GemmFormats) -> None:
 
 def emulate(model: nn.Module, default_formats: GemmFormats | str | None,
             overrides: Sequence[Override] | None = None, seed: int = 0, *,
-            delayed: DelayedScaling | None = None) -> dict[str, GemmFormats]:
+            delayed: DelayedScaling | None = None,
+            predicted: PredictedScaling | None = None) -> dict[str, GemmFormats]:
     """Replace, in place, each ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by its emulated version.
 
     ``default_formats``: GemmFormats or a recipe name (``"fp8"``, ``"nvfp4"``, ...), for every layer no
@@ -54,7 +55,8 @@ def emulate(model: nn.Module, default_formats: GemmFormats | str | None,
     None keeps a layer in full precision. Layer ``i`` (in module order) gets ``seed + i`` as the seed of
     its stochastic rounding and Hadamard signs. Layers whose formats quantize nothing (the ``fp32``
     recipe) are left as they are, so an fp32 run is exactly plain training. ``delayed``: delayed scaling
-    for the per-tensor roles of linear layers. Returns ``{name: GemmFormats}`` of the swapped layers.
+    for the per-tensor roles of linear layers; ``predicted``: MOSS-style predicted scaling of their
+    per-tensor weights. Returns ``{name: GemmFormats}`` of the swapped layers.
     """
     kinds = (nn.Linear, nn.Conv2d)
     chosen: dict[str, GemmFormats] = {}
@@ -69,7 +71,7 @@ def emulate(model: nn.Module, default_formats: GemmFormats | str | None,
     def make(name: str, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Conv2d):
             return EmulatedConv2d(module, chosen[name])
-        return EmulatedLinear(module, chosen[name], delayed=delayed)
+        return EmulatedLinear(module, chosen[name], delayed=delayed, predicted=predicted)
 
     replace_modules(model, chosen, make)
     return chosen

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from mixq.algorithms.hadamard import block_hadamard, hadamard_order_supported, random_signs
 from mixq.quant import QuantSpec, fake_quantize
 from mixq.quant.spec import FP32
-from mixq.training.scaling import DelayedScaling, ScalingState, check_delayed_spec, delayed_quantize
+from mixq.training.scaling import (PREDICTED_ROLES, DelayedScaling, PredictedScaling, ScalingState, check_delayed_spec,
+                                   delayed_quantize, predicted_quantize)
 
 ROLES = ("input", "weight", "grad_output", "dgrad_weight", "wgrad_grad_output", "wgrad_input")
 Observer = Callable[[str, Tensor], None]
@@ -117,7 +118,8 @@ def quantize_operand(t: Tensor, formats: GemmFormats, role: str, *, state: Scali
                      generator: torch.Generator | None = None, observer: Observer | None = None) -> Tensor:
     """Fake-quantize one GEMM operand ``t`` ([outer, reduction] float) by its role's spec.
 
-    Roles listed in ``state`` use delayed scaling, the others current scaling. Returns ``t`` itself
+    Roles listed in ``state.roles`` use delayed scaling, those in ``state.predicted_roles`` predicted
+    scaling, the others current scaling. Returns ``t`` itself
     for identity specs, else fp32 of ``t``'s shape. ``observer(role, result)`` is called if given.
     """
     spec = formats.spec(role)
@@ -125,6 +127,8 @@ def quantize_operand(t: Tensor, formats: GemmFormats, role: str, *, state: Scali
         out = t
     elif state is not None and role in state.roles:
         out = delayed_quantize(t, spec, state, role, generator=generator)
+    elif state is not None and role in state.predicted_roles:
+        out = predicted_quantize(t, spec, state, role, generator=generator)
     else:
         out = fake_quantize(t.detach(), spec, generator=generator)
     if observer is not None:
@@ -195,12 +199,13 @@ class EmulatedLinear(nn.Module):
     """An ``nn.Linear`` whose GEMMs run through :func:`quantized_linear` (shares the linear's parameters).
 
     ``delayed``: delayed scaling for every per-tensor role (block-scaled roles keep current scaling);
-    its histories live in ``self.scaling`` (buffers). Stochastic rounding draws from a private
-    generator seeded with ``formats.seed``.
+    ``predicted``: MOSS-style predicted scaling for the per-tensor weight roles (``weight``,
+    ``dgrad_weight``; they then leave delayed scaling). Their state lives in ``self.scaling``
+    (buffers). Stochastic rounding draws from a private generator seeded with ``formats.seed``.
     """
 
     def __init__(self, linear: nn.Linear, formats: GemmFormats, *,
-                 delayed: DelayedScaling | None = None) -> None:
+                 delayed: DelayedScaling | None = None, predicted: PredictedScaling | None = None) -> None:
         super().__init__()
         if not isinstance(formats, GemmFormats):
             raise TypeError(f"formats must be GemmFormats (see mixq.training.recipe), "
@@ -210,9 +215,10 @@ class EmulatedLinear(nn.Module):
         self.bias = linear.bias
         self.formats = formats
         self.scaling: ScalingState | None = None
-        if delayed is not None:
-            roles = [r for r in ROLES if not is_identity(formats.spec(r)) and _per_tensor(formats.spec(r), r)]
-            self.scaling = ScalingState(delayed, roles)
+        per_tensor = [r for r in ROLES if not is_identity(formats.spec(r)) and _per_tensor(formats.spec(r), r)]
+        weights = [r for r in per_tensor if r in PREDICTED_ROLES] if predicted is not None else []
+        if delayed is not None or weights:
+            self.scaling = ScalingState(delayed, [r for r in per_tensor if r not in weights], predicted, weights)
         self.generator = torch.Generator().manual_seed(formats.seed)
 
     def forward(self, x: Tensor) -> Tensor:

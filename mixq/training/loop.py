@@ -49,6 +49,8 @@ from mixq.training.tasks import Task
 
 OPTIMIZERS = ("adam", "sgd", "eco", "sr", "naive", "master")
 QAT_INITS = ("scratch", "fp32")
+SCALINGS = ("current", "delayed", "predicted")
+PREDICT_REFRESH = 16  # predicted weight scaling: exact amax every 16 calls
 FINETUNE_SEED_OFFSET = 1_000_003
 Progress = Callable[[int, int, float], None]
 
@@ -82,6 +84,7 @@ class TrainResult:
     info: dict[str, Any] = field(default_factory=dict)
     qat_init: str | None = None
     pretrain_steps: int = 0
+    scaling: str = "current"
 
     @property
     def final(self) -> float:
@@ -215,7 +218,7 @@ def train(task: Task, recipe: str = "fp32", optimizer: str = "adam", steps: int 
           lr: float | None = None, weight_format: QuantSpec | str | None = None, rule: str = "adam",
           qat: QuantSpec | str | None = None, ptq_baseline: bool = True, keep: Sequence[str] | None = None,
           overrides: Sequence[Override] = (), eval_every: int = 0, qat_init: str = "scratch",
-          pretrain_steps: int | None = None, pretrain_lr: float | None = None,
+          pretrain_steps: int | None = None, pretrain_lr: float | None = None, scaling: str = "current",
           progress: Progress | None = None) -> TrainResult:
     """Train ``task``'s model for ``steps`` steps (see the module docstring); returns a :class:`TrainResult`.
 
@@ -224,11 +227,17 @@ def train(task: Task, recipe: str = "fp32", optimizer: str = "adam", steps: int 
     as ``(pattern, None)``. ``progress(step, steps, loss)`` is called after each step.
     ``qat_init``: ``scratch`` | ``fp32`` (fine-tune a model trained ``pretrain_steps`` steps, default
     ``steps``, in fp32 at ``pretrain_lr``, default the task's; ``lr`` is then the fine-tuning rate).
+    ``scaling`` of the recipe's per-tensor operands: ``current`` (each tensor's own amax), ``delayed``
+    (amax history of 16 steps) or ``predicted`` (MOSS-style: weights scaled by the amax predicted from
+    the update bound ``lr``, exact every 16 calls; other operands current); block formats keep
+    their per-block scales.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; expected one of {', '.join(SCALINGS)}")
     if qat_init not in QAT_INITS:
         raise ValueError(f"unknown qat_init {qat_init!r}; expected one of {', '.join(QAT_INITS)}")
     if qat_init != "scratch" and qat is None:
@@ -264,7 +273,11 @@ def train(task: Task, recipe: str = "fp32", optimizer: str = "adam", steps: int 
         qat_spec = qat if isinstance(qat, QuantSpec) else QuantSpec.parse(qat)
         prepare_qat(model, _qat_plan(qat_spec, keep))
     else:
-        chosen = emulate(model, formats, [(p, None) for p in keep] + list(overrides), seed=seed)
+        from mixq.training.scaling import DelayedScaling, PredictedScaling
+
+        chosen = emulate(model, formats, [(p, None) for p in keep] + list(overrides), seed=seed,
+                         delayed=DelayedScaling() if scaling == "delayed" else None,
+                         predicted=PredictedScaling(lr, PREDICT_REFRESH) if scaling == "predicted" else None)
         swapped = {name: f.describe() for name, f in chosen.items()}
     wf = weight_format if weight_format is not None else (_recipe_weight_format(recipe) or qat_spec)
     opt, opt_notes = make_optimizer(model, optimizer, lr, weight_format=wf if optimizer not in ("adam", "sgd")
@@ -282,6 +295,7 @@ def train(task: Task, recipe: str = "fp32", optimizer: str = "adam", steps: int 
                          None if qat_spec is None else str(qat_spec), None, swapped, state_bytes(opt),
                          sum(p.numel() for p in model.parameters()), notes, dict(task.info))
     result.qat_init = None if qat_spec is None else qat_init
+    result.scaling = scaling
     result.pretrain_steps = pre_steps
     if baseline is not None:
         result.ptq = baseline
@@ -316,4 +330,4 @@ def ptq_baseline_metrics(task: Task, optimizer: str, steps: int, seed: int, spec
                        weight_format=weight_format)[1]
 
 
-__all__ = ["OPTIMIZERS", "QAT_INITS", "TrainResult", "make_optimizer", "ptq_baseline_metrics", "train"]
+__all__ = ["OPTIMIZERS", "QAT_INITS", "SCALINGS", "TrainResult", "make_optimizer", "ptq_baseline_metrics", "train"]

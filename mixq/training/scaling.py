@@ -9,8 +9,17 @@ fixed scale of the history's maximum, ``s = 2**margin * max(history) / element.m
 amax is recorded after use. Values beyond the reference amax saturate to the format's largest
 value. A role with an empty history (the first step) falls back to current scaling.
 
-Delayed scaling is defined here for per-tensor, symmetric, absmax specs without a tensor scale
-(``fp8_e4m3``, ``fp8_e5m2:sr``, ``int8``, ...); block formats keep their current per-block scales.
+*Predicted* scaling of weights (MOSS's automatic scaling) avoids the max-reduction over the weight on
+most steps: an optimizer whose update moves every weight by at most ``u`` per step (Adam-type rules:
+about the learning rate) cannot grow ``max|W|`` by more than ``u`` per step, so after ``k`` steps since
+the last exact amax ``a``, ``a + k u`` bounds it. The weight is quantized with that predicted amax (a
+scale that never saturates while the bound holds, slightly coarser than the exact one) and the exact
+amax is recomputed every ``refresh`` calls. Calls are counted per role (one forward per training step;
+evaluation forwards count too, which only loosens the bound).
+
+Delayed and predicted scaling are defined here for per-tensor, symmetric, absmax specs without a
+tensor scale (``fp8_e4m3``, ``fp8_e5m2:sr``, ``int8``, ...); block formats keep their current per-block
+scales.
 """
 
 from __future__ import annotations
@@ -42,6 +51,24 @@ class DelayedScaling:
             raise ValueError(f"the margin is an integer power of two, got {self.margin!r}")
 
 
+@dataclass(frozen=True)
+class PredictedScaling:
+    """MOSS-style predicted weight scaling: ``max_update`` bounds ``|ΔW|`` per step; the exact amax is
+    recomputed every ``refresh`` calls."""
+
+    max_update: float
+    refresh: int = 64
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_update, int | float) and self.max_update >= 0):
+            raise ValueError(f"max_update bounds |dW| per step: a number >= 0, got {self.max_update!r}")
+        if not isinstance(self.refresh, int) or self.refresh < 1:
+            raise ValueError(f"refresh is a positive number of calls, got {self.refresh!r}")
+
+
+PREDICTED_ROLES = ("weight", "dgrad_weight")
+
+
 def check_delayed_spec(spec: QuantSpec, role: str) -> None:
     """Raise ValueError unless ``spec`` can use a delayed (fixed, per-tensor) scale."""
     s = spec.scale
@@ -52,19 +79,45 @@ def check_delayed_spec(spec: QuantSpec, role: str) -> None:
 
 
 class ScalingState(nn.Module):
-    """Amax histories of the roles that use delayed scaling (buffers, saved in ``state_dict``).
+    """Amax histories of the roles that use delayed scaling, and the weight roles' predicted amax
+    (buffers, saved in ``state_dict``).
 
-    For each role ``r``: ``amax_r`` ([history] fp32, a ring buffer of recorded amaxes) and
-    ``steps_r`` (0-d int64, how many were recorded).
+    For each delayed role ``r``: ``amax_r`` ([history] fp32, a ring buffer of recorded amaxes) and
+    ``steps_r`` (0-d int64, how many were recorded). For each predicted role ``r`` (``predicted_roles``):
+    ``ref_r`` (0-d fp32, the last exact amax) and ``since_r`` (0-d int64, calls since it; 0: none yet).
     """
 
-    def __init__(self, config: DelayedScaling, roles: Sequence[str]) -> None:
+    def __init__(self, config: DelayedScaling | None, roles: Sequence[str],
+                 predicted: PredictedScaling | None = None, predicted_roles: Sequence[str] = ()) -> None:
         super().__init__()
-        self.config = config
-        self.roles = tuple(roles)
+        self.config = config if config is not None else DelayedScaling()
+        self.roles = tuple(roles) if config is not None else ()
+        self.predicted = predicted
+        self.predicted_roles = tuple(predicted_roles) if predicted is not None else ()
+        overlap = set(self.roles) & set(self.predicted_roles)
+        if overlap:
+            raise ValueError(f"roles {sorted(overlap)} cannot use both delayed and predicted scaling")
         for role in self.roles:
-            self.register_buffer(f"amax_{role}", torch.zeros(config.history))
+            self.register_buffer(f"amax_{role}", torch.zeros(self.config.history))
             self.register_buffer(f"steps_{role}", torch.zeros((), dtype=torch.int64))
+        for role in self.predicted_roles:
+            self.register_buffer(f"ref_{role}", torch.zeros(()))
+            self.register_buffer(f"since_{role}", torch.zeros((), dtype=torch.int64))
+
+    def predicted_amax(self, role: str, t: Tensor) -> tuple[Tensor, bool]:
+        """The amax to quantize ``t`` with for a predicted role, and whether it was measured exactly
+        (first call and every ``refresh`` calls); advances the role's call count."""
+        assert self.predicted is not None
+        since = getattr(self, f"since_{role}")
+        ref = getattr(self, f"ref_{role}")
+        exact = int(since) == 0 or int(since) >= self.predicted.refresh
+        if exact:
+            ref.copy_(t.detach().abs().amax().float() if t.numel() else torch.zeros(()))
+            since.fill_(1)
+            return ref.clone(), True
+        amax = ref + int(since) * self.predicted.max_update
+        since += 1
+        return amax, False
 
     def _check(self, role: str) -> None:
         if role not in self.roles:
@@ -117,3 +170,14 @@ def delayed_quantize(t: Tensor, spec: QuantSpec, state: ScalingState, role: str,
         out = quantize_with_amax(t, spec, ref, generator=generator)
     state.record(role, t.detach().abs().amax() if t.numel() else t.new_zeros(()))
     return out
+
+
+def predicted_quantize(t: Tensor, spec: QuantSpec, state: ScalingState, role: str, *,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """Quantize a weight operand ``t`` with its role's predicted amax (see the module docstring).
+    Returns fp32 of ``t``'s shape."""
+    check_delayed_spec(spec, role)
+    amax, exact = state.predicted_amax(role, t)
+    if exact:
+        return fake_quantize(t.detach().float(), spec, generator=generator)
+    return quantize_with_amax(t, spec, amax, generator=generator)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from mixq.algorithms.hadamard import block_hadamard, random_signs
 from mixq.quant import fake_quantize
-from mixq.training import (RECIPES, ROLES, DelayedScaling, EmulatedLinear, GemmFormats, ScalingState,
-                           delayed_quantize, formats_for, quantized_linear, recipe)
+from mixq.training import (RECIPES, ROLES, DelayedScaling, EmulatedLinear, GemmFormats, PredictedScaling,
+                           ScalingState, delayed_quantize, formats_for, predicted_quantize, quantized_linear, recipe)
 
 
 def _grads(fn, x, W, b, g):
@@ -179,6 +179,45 @@ def test_emulated_linear_delayed_scaling_state():
     with pytest.raises(ValueError, match="per-tensor"):
         state = ScalingState(DelayedScaling(), ["x"])
         delayed_quantize(torch.randn(4, 32), recipe("mxfp4").input, state, "x")
+
+
+def test_predicted_weight_scaling_bounds_the_amax_between_refreshes():
+    u, refresh = 0.01, 5
+    state = ScalingState(None, [], PredictedScaling(max_update=u, refresh=refresh), ["weight"])
+    spec = recipe("fp8").weight
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 32, generator=gen)
+    for call in range(12):
+        exact_amax = W.abs().max()
+        out = predicted_quantize(W, spec, state, "weight")
+        k = call % refresh  # calls since the last exact amax
+        if k == 0:  # first call and every `refresh` calls: plain current scaling
+            assert torch.equal(out, fake_quantize(W, spec))
+        else:
+            predicted = state.ref_weight + k * u
+            assert predicted >= exact_amax  # the bound holds: nothing saturates
+            assert torch.equal(out, _e4m3_oracle(W, predicted))
+        step = (torch.rand(W.shape, generator=gen) * 2 - 1) * u  # an update of at most u per weight
+        W = W + step
+    assert int(state.since_weight) == 12 % refresh or int(state.since_weight) == refresh
+
+
+def test_emulated_linear_predicted_scaling_only_for_weight_roles():
+    lin = torch.nn.Linear(32, 16)
+    m = EmulatedLinear(lin, recipe("fp8"), delayed=DelayedScaling(history=4),
+                       predicted=PredictedScaling(max_update=1e-3))
+    assert set(m.scaling.predicted_roles) == {"weight", "dgrad_weight"}
+    assert set(m.scaling.roles) == set(ROLES) - {"weight", "dgrad_weight"}
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    for _ in range(3):  # inputs that need a gradient, so dgrad runs too
+        m(torch.randn(8, 32, requires_grad=True)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert int(m.state_dict()["scaling.since_weight"]) == 3 and int(m.scaling.since_dgrad_weight) == 3
+    block = EmulatedLinear(torch.nn.Linear(64, 16), recipe("mxfp8"), predicted=PredictedScaling(max_update=1e-3))
+    assert block.scaling is None  # block formats keep their per-block current scales
+    with pytest.raises(ValueError, match="max_update"):
+        PredictedScaling(max_update=-1.0)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

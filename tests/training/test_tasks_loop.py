@@ -124,6 +124,17 @@ def test_qat_mode_with_ptq_baseline(cnn):
         train(cnn, "fp8", "adam", 1, qat="int4:g8")
 
 
+@pytest.mark.parametrize("scaling", ["delayed", "predicted"])
+def test_delayed_and_predicted_scaling_in_training(lm, scaling):
+    r = train(lm, "fp8", "adam", 3, seed=0, scaling=scaling)
+    current = train(lm, "fp8", "adam", 3, seed=0)
+    assert r.scaling == scaling and all(torch.isfinite(torch.tensor(r.losses)))
+    assert r.losses[0] == current.losses[0]  # the first step scales every tensor by its own amax
+    assert r.losses[1:] != current.losses[1:]  # later steps use the history / the predicted weight amax
+    with pytest.raises(ValueError, match="scaling"):
+        train(lm, "fp8", "adam", 1, scaling="moss")
+
+
 def test_qat_fine_tuning_starts_from_the_fp32_trained_model(cnn):
     fp32 = train(cnn, "fp32", "adam", 6, seed=0)
     tuned = train(cnn, "fp32", "adam", 3, seed=0, qat="int4:tensor", qat_init="fp32", pretrain_steps=6)
