@@ -42,8 +42,9 @@ from torch import nn
 
 from mixq.model.emulate_swap import emulate
 from mixq.plan.plan import pattern_matches
-from mixq.quant import QuantSpec, fake_quantize
+from mixq.quant import QuantSpec
 from mixq.training.emulated import is_identity
+from mixq.training.optim import grid_quantize
 from mixq.training.recipes import Override, recipe as get_recipe
 from mixq.training.tasks import Task
 
@@ -116,7 +117,8 @@ def _kept(name: str, keep: Sequence[str]) -> bool:
 
 def _grid_params(model: nn.Module, spec: QuantSpec,
                  keep: Sequence[str]) -> tuple[list[nn.Parameter], list[str]]:
-    """Weights of linear/conv layers (plain or emulated) outside ``keep`` that ``spec`` can quantize."""
+    """Weights of linear/conv layers (plain or emulated) outside ``keep`` that ``spec`` can quantize
+    (conv weights in their matrix view ``[out, in*kh*kw]``)."""
     chosen: list[nn.Parameter] = []
     notes: list[str] = []
     seen: set[int] = set()
@@ -130,7 +132,7 @@ def _grid_params(model: nn.Module, spec: QuantSpec,
             continue
         seen.add(id(w))
         try:
-            fake_quantize(w.detach(), spec)
+            grid_quantize(w.detach(), spec)
         except ValueError as err:
             reason = " ".join(str(err).split())
             notes.append(f"{name}.weight {tuple(w.shape)} kept off the {spec} grid: {reason}")
@@ -166,7 +168,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float, *, weight_format: Qua
     rest = [p for p in params if id(p) not in grid_ids]
     with torch.no_grad():
         for p in on_grid:
-            p.copy_(fake_quantize(p, spec))
+            p.copy_(grid_quantize(p, spec))
     kind = {"eco": optim.ECO, "sr": optim.SRUpdate, "naive": optim.NaiveQuantized,
             "master": optim.MasterWeights}[name]
     groups = [{"params": on_grid, "spec": spec}] + ([{"params": rest, "spec": None}] if rest else [])

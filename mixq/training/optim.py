@@ -89,8 +89,13 @@ class _GridOptimizer(torch.optim.Optimizer):
         """Subclass hook: validate a parameter group's hyperparameters."""
 
     def quantize(self, x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
-        """``fake_quantize(x, spec)`` with this optimizer's generator (identity for ``spec=None``)."""
-        return x if spec is None else fake_quantize(x, spec, generator=self.generator)
+        """``fake_quantize(x, spec)`` with this optimizer's generator (identity for ``spec=None``).
+
+        A tensor of more than two dimensions (a conv weight ``[out, in, kh, kw]``) is quantized as the
+        matrix ``[out, in*kh*kw]`` the layer multiplies with, so blocks and groups run along its
+        reduction dimension as for a linear layer.
+        """
+        return x if spec is None else grid_quantize(x, spec, generator=self.generator)
 
     def _direction(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The update ``u`` (shape and dtype of ``p``) from ``p.grad``, and Adam's ``sqrt(v_hat) + eps``
@@ -220,6 +225,13 @@ class MasterWeights(_GridOptimizer):
         W = state["master"]
         W.add_(u.float(), alpha=-group["lr"])  # W - lr u: the step is taken from the master, not Q(W)
         p.copy_(self.quantize(W, group["spec"]).to(p.dtype))
+
+
+def grid_quantize(x: torch.Tensor, spec: QuantSpec, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``fake_quantize`` of a weight in its matrix view ``[out, prod(rest)]`` (any shape with ndim >= 1)."""
+    if x.dim() <= 2:
+        return fake_quantize(x, spec, generator=generator)
+    return fake_quantize(x.reshape(x.shape[0], -1), spec, generator=generator).reshape(x.shape)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

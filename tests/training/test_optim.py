@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixq.quant import SpecError, fake_quantize
+from mixq.quant import QuantSpec, SpecError, fake_quantize
 from mixq.training.optim import ECO, MasterWeights, NaiveQuantized, SRUpdate, state_bytes, state_shapes
 
 INT4 = "int4n:g32:e8m0"  # power-of-two scales: fake_quantize is exactly idempotent (tests/quant)
@@ -149,3 +149,21 @@ def test_bad_arguments_are_named():
         SRUpdate([W], lr=0.1, spec=INT4, rule="lion")
     with pytest.raises(SpecError):
         NaiveQuantized([W], lr=0.1, spec="int4:bogus")
+
+
+def test_grid_optimizers_put_conv_weights_on_the_grid_in_their_matrix_view():
+    from mixq.training.loop import make_optimizer
+    from mixq.training.optim import grid_quantize
+    from mixq.training.tasks import get_task
+
+    model = get_task("tiny-cnn").build_model(0)
+    conv = model.conv2.weight  # [32, 32, 3, 3]: blocks of 32 along in*kh*kw = 288
+    opt, notes = make_optimizer(model, "eco", 1e-3, weight_format="mxfp4", keep=())
+    assert not any("conv2" in n for n in notes)
+    matrix = conv.detach().reshape(conv.shape[0], -1)
+    assert torch.equal(matrix, fake_quantize(matrix, "mxfp4"))  # on the grid the layer multiplies with
+    assert torch.equal(grid_quantize(conv.detach(), QuantSpec.parse("mxfp4")), conv.detach())
+    model(torch.randn(2, 1, 8, 8)).sum().backward()  # tiny-cnn images are 8 x 8
+    opt.step()
+    matrix = conv.detach().reshape(conv.shape[0], -1)
+    assert torch.equal(matrix, fake_quantize(matrix, "mxfp4"))  # and stays there after a step
