@@ -9,7 +9,8 @@ held-fixed batch):
 - reference ``g``: the gradient of the nvfp4-forward model (X in 1x16 blocks, W in 16x16 blocks) with
   every backward operand in fp32 (dY, and the wgrad's X, unquantized);
 - each variant quantizes the backward as the nvfp4 recipe does (dY and the wgrad operands in NVFP4),
-  with or without SR on dY and with or without the order-16 RHT; draw ``k`` uses emulation seed ``k``
+  with or without SR on dY and with or without the order-16 RHT (and once with the wgrad's X left in
+  fp32, to attribute what remains to X's round to nearest); draw ``k`` uses emulation seed ``k``
   (SR draws and Hadamard signs), ``k = 0 .. draws-1``;
 - reported over the weights of every emulated linear (``lm_head`` stays fp32, as in training):
   ``per_draw_error`` = mean over draws of ``||g_k - g|| / ||g||``, ``bias`` = ``||mean_k g_k - g|| / ||g||``
@@ -36,17 +37,19 @@ from mixq.training import recipe
 from mixq.training.loop import make_optimizer
 from mixq.training.tasks import get_task
 
-VARIANTS = {  # name -> (stochastic rounding on dY, Hadamard order on the wgrad operands)
-    "nearest, no RHT": (False, 0),
-    "SR, no RHT": (True, 0),
-    "nearest, RHT-16": (False, 16),
-    "SR + RHT-16 (recipe)": (True, 16),
+VARIANTS = {  # name -> (stochastic rounding on dY, Hadamard order on the wgrad operands, X^T quantized)
+    "nearest, no RHT": (False, 0, True),
+    "SR, no RHT": (True, 0, True),
+    "nearest, RHT-16": (False, 16, True),
+    "SR + RHT-16 (recipe)": (True, 16, True),
+    "SR + RHT-16, wgrad X in fp32": (True, 16, False),
 }
 
 
-def variant_formats(sr: bool, hadamard: int):
+def variant_formats(sr: bool, hadamard: int, quantize_x: bool):
     dy = "nvfp4:sr" if sr else "nvfp4"
-    return recipe("nvfp4").with_(grad_output=dy, wgrad_grad_output=dy, hadamard_wgrad=hadamard)
+    return recipe("nvfp4").with_(grad_output=dy, wgrad_grad_output=dy, hadamard_wgrad=hadamard,
+                                 **({} if quantize_x else {"wgrad_input": None}))
 
 
 def gradient(model: nn.Module, task, batch: Tensor, formats, seed: int) -> Tensor:
@@ -83,15 +86,16 @@ def main() -> None:
     g = gradient(model, task, batch, reference, 0)
     norm = float(g.norm())
     rows = []
-    for name, (sr, had) in VARIANTS.items():
+    for name, (sr, had, quantize_x) in VARIANTS.items():
         total = torch.zeros_like(g)
         errors = []
         for k in range(args.draws):
-            gk = gradient(model, task, batch, variant_formats(sr, had), k)
+            gk = gradient(model, task, batch, variant_formats(sr, had, quantize_x), k)
             total += gk
             errors.append(float((gk - g).norm()) / norm)
         mean = total / args.draws
-        row = {"variant": name, "stochastic_rounding": sr, "hadamard": had, "draws": args.draws,
+        row = {"variant": name, "stochastic_rounding": sr, "hadamard": had, "wgrad_x_quantized": quantize_x,
+               "draws": args.draws,
                "per_draw_error": sum(errors) / len(errors), "bias": float((mean - g).norm()) / norm,
                "cosine_of_mean": float(torch.nn.functional.cosine_similarity(mean.double(), g.double(), dim=0))}
         row["bias_if_unbiased"] = row["per_draw_error"] / math.sqrt(args.draws)
