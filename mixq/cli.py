@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mixq
-from mixq import cli_export, cli_ptq, cli_search, cli_train
+from mixq import cli_export, cli_ptq, cli_report, cli_search, cli_train
 
 DEFAULT_SPECS = ("int8:channel,mxint8,fp8_e4m3:channel,mxfp8_e4m3,mxfp6_e3m2,int4:g32,mxfp4,nvfp4,nvint4,"
                  "nf4:g64")
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_search.add_parsers(sub, common)
     cli_export.add_parsers(sub, common)
     cli_train.add_parsers(sub, common)
+    cli_report.add_parsers(sub, common)
     return parser
 
 
@@ -180,6 +181,8 @@ COMMANDS = {
     "export": lambda args: cli_export.cmd_export(args, _consoles, _quiet_transformers),
     "generate": lambda args: cli_export.cmd_generate(args, _consoles, _quiet_transformers),
     "train": lambda args: cli_train.cmd_train(args, _consoles, _quiet_transformers),
+    "report": lambda args: cli_report.cmd_report(args, _consoles),
+    "compare": lambda args: cli_report.cmd_compare(args, _consoles),
 }
 
 

@@ -62,8 +62,10 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def write_outputs(result: Any, out: Path) -> dict[str, Path]:
-    """Write ``summary.json``, ``curve.csv`` and ``curve.png`` of ``result`` into ``out`` (atomically)."""
+    """Write ``summary.json``, ``curve.csv``, ``curve.png`` and ``environment.json`` of ``result`` into ``out``
+    (atomically)."""
     from mixq.fileio import atomic_folder
+    from mixq.run_info import write_environment
 
     with atomic_folder(out) as tmp:
         (tmp / "summary.json").write_text(json.dumps(result.to_json(), indent=1, allow_nan=True) + "\n",
@@ -76,7 +78,8 @@ def write_outputs(result: Any, out: Path) -> dict[str, Path]:
                 m = evals.get(i, {}).get(result.metric)
                 w.writerow([i, f"{loss:.6g}", f"{sec:.6g}", "" if m is None else f"{m:.6g}"])
         _plot(result, tmp / "curve.png")
-    return {name: out / name for name in ("summary.json", "curve.csv", "curve.png")}
+        write_environment(tmp)
+    return {name: out / name for name in ("summary.json", "curve.csv", "curve.png", "environment.json")}
 
 
 def _plot(result: Any, path: Path) -> None:
