@@ -56,6 +56,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--out", type=Path, default=None, help="run folder to write (not written if omitted)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--stream", action="store_true",
+                   help="read, quantize and write the weights block by block (needs --out)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of a streamed run, e.g. 300M or 2G (implies --stream)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted streamed run from OUT.partial (implies --stream)")
     p.add_argument("--eval", action="store_true", help="also measure perplexity/KL afterwards")
     p.add_argument("--kl-windows", type=int, default=None, metavar="N",
                    help="with --eval: KL/top-1 on the first N test windows (default: all)")
@@ -108,14 +114,20 @@ def cmd_quantize(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     out, err = consoles()
     quiet()
     with progress_bar(err, "loading") as bar:
-        outcome = quantize(args.model, plan, calib=args.calib, samples=args.samples, length=args.length,
-                           batch_size=args.batch_size, rotate=args.rotate, rotate_seed=args.rotate_seed,
-                           out=args.out, overwrite=args.overwrite, progress=bar.progress,
-                           status=bar.status)
+        streamed = args.stream or args.max_memory is not None or args.resume
+        if streamed:
+            from mixq.streaming import quantize_streamed_args
+
+            outcome = quantize_streamed_args(args, plan, progress=bar.progress, status=bar.status)
+        else:
+            outcome = quantize(args.model, plan, calib=args.calib, samples=args.samples, length=args.length,
+                               batch_size=args.batch_size, rotate=args.rotate, rotate_seed=args.rotate_seed,
+                               out=args.out, overwrite=args.overwrite, progress=bar.progress,
+                               status=bar.status)
         evaluation = None
         if args.eval:
             bar.update(description="evaluating", completed=0, total=None)
-            evaluation = evaluate(args.out or args.model, model=outcome.model,
+            evaluation = evaluate(args.out or args.model, model=None if streamed else outcome.model,
                                   reference=args.model, agreement_windows=args.kl_windows,
                                   progress=lambda d, t: bar.update(completed=d, total=t))
     result = outcome.to_json()

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from mixq.algorithms.layer_stats import LayerStats
+    from mixq.algorithms.report import LayerReport
     from mixq.model.qmodules import ActQuantizer
+    from mixq.quant.scale import GroupScales
 
 BlockInputs = list[tuple[tuple, dict]]  # (args, kwargs) of each calibration call of a block
 
@@ -34,6 +36,11 @@ class RunHooks:
 
     def enter_block(self, index: int, name: str, block: nn.Module) -> None:
         """Called before block ``index`` is calibrated (its weights must be usable after it)."""
+
+    def block_results(self, index: int, name: str, reports: dict[str, LayerReport],
+                      scales: dict[str, GroupScales | None]) -> None:
+        """The reports and weight scales of block ``index``'s layers, called just before
+        :meth:`leave_block` (a streamed run stages them so that a resumed run reports every layer)."""
 
     def leave_block(self, index: int, name: str, block: nn.Module, next_inputs: BlockInputs | None) -> None:
         """Called once block ``index`` is quantized; ``next_inputs``: the next block's inputs (None for

@@ -367,6 +367,8 @@ def _walk_blocks(w: _Walker) -> None:
         if data_needed:
             inputs = [((_block_output(block(*a, **k)),) + tuple(a[1:]), k) for a, k in inputs]
         last = i + 1 == len(block_list)
+        w.hooks.block_results(i, block_name, {n: w.reports[n] for n in names if n in w.reports},
+                              {n: w.scales[n] for n in names if n in w.scales})
         w.hooks.leave_block(i, block_name, block, None if last or not data_needed else inputs)
         if last and data_needed:
             w.hooks.final_hidden([a[0] for a, _ in inputs])
