@@ -195,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     debug = getattr(args, "debug", False)
     try:
-        return COMMANDS[args.command](args)
+        from mixq.dist.comm import quiet_unless_main
+
+        with quiet_unless_main():  # under torchrun only rank 0 prints
+            return COMMANDS[args.command](args)
     except (UserError, ValueError, FileNotFoundError) as error:
         if debug:
             raise

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mixq.algorithms.runner import Progress, QuantizeReport, needs_calibration, quantize_model
+from mixq.dist.comm import Comm
 from mixq.model.load import load_model, resolve
 from mixq.model.plan_match import resolve as resolve_plan
 from mixq.model.run_folder import check_target, is_run_folder, load_quantized, save_quantized
@@ -38,12 +39,14 @@ class QuantizeOutcome:
     calib_seconds: float
     cpu_seconds: float = 0.0
     resolved: ResolvedPlan | None = None  # the plan as matched against the model before wrapping
+    distributed: dict[str, Any] | None = None  # world size, backend and each rank's figures (torchrun)
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"distributed": self.distributed} if self.distributed else {}
         return {"out": str(self.out) if self.out else None, "wall_s": self.report.seconds,
                 "cpu_s": self.cpu_seconds,
                 "peak_rss_mb": self.peak_rss_mb, "load_s": self.load_seconds,
-                "calib_tokenize_s": self.calib_seconds, **self.report.to_json()}
+                "calib_tokenize_s": self.calib_seconds, **self.report.to_json(), **extra}
 
 
 def peak_rss_mb() -> float:
@@ -92,7 +95,28 @@ def quantize(model_name: str, plan: Plan, *, calib: str | None = "wiki", samples
 
     The plan is resolved before the calibration data is read, so every plan error comes first.
     ``wall_s`` in the result covers the quantization step only (not loading or tokenizing).
+
+    Started by torchrun (``WORLD_SIZE`` > 1), every rank calibrates on its contiguous share of the
+    windows and the statistics are combined (:mod:`mixq.dist`); only rank 0 saves the run folder.
     """
+    from mixq.dist.comm import process_group_from_env
+
+    with process_group_from_env() as comm:
+        return _quantize(model_name, plan, comm, calib=calib, samples=samples, length=length, seed=seed,
+                         batch_size=batch_size, rotate=rotate, rotate_seed=rotate_seed, out=out,
+                         overwrite=overwrite, progress=progress, status=status)
+
+
+def _quantize(model_name: str, plan: Plan, comm: Comm, *, calib: str | None, samples: int, length: int,
+              seed: int, batch_size: int, rotate: str | None, rotate_seed: int | None,
+              out: str | os.PathLike[str] | None, overwrite: bool, progress: Progress | None,
+              status: Callable[[str], None] | None) -> QuantizeOutcome:
+    from mixq.dist.comm import shard_range
+    from mixq.dist.reduce import DataParallelHooks
+
+    if comm.world_size > 1 and calib is not None and samples < comm.world_size:
+        raise ValueError(f"expected at least one calibration window per rank, found {samples} windows "
+                               f"for {comm.world_size} ranks: raise --samples or start fewer processes")
     say = status or (lambda _m: None)
     t0 = time.perf_counter()
     model = load_model(model_name, status=say)
@@ -109,17 +133,35 @@ def quantize(model_name: str, plan: Plan, *, calib: str | None = "wiki", samples
         say(f"calibration: {samples} x {length} tokens from {calib}")
         tokens = calibration_tokens(tokenizer, calib, samples, length, seed)
     calib_s = time.perf_counter() - t1
+    hooks = None
+    if comm.world_size > 1:
+        hooks = DataParallelHooks(comm)
+        if tokens is not None:
+            start, stop = shard_range(tokens.shape[0], comm.rank, comm.world_size)
+            say(f"rank {comm.rank} of {comm.world_size}: calibration windows {start}..{stop - 1}")
+            tokens = tokens[start:stop]  # [stop - start, length]
     cpu0 = time.process_time()
     report = quantize_model(model, resolved, tokens, batch_size=batch_size, rotate=rotate,
-                            rotate_seed=rotate_seed, progress=progress)
+                            rotate_seed=rotate_seed, progress=progress, hooks=hooks)
     cpu_s = time.process_time() - cpu0
+    distributed = None
+    if comm.world_size > 1:
+        assert hooks is not None
+        mine = {"rank": comm.rank, "windows": None if tokens is None else int(tokens.shape[0]),
+                "wall_s": report.seconds, "cpu_s": cpu_s, "peak_rss_mb": peak_rss_mb(),
+                "reduce_s": hooks.seconds, "reduced_mb": hooks.bytes / 2**20}
+        ranks = comm.all_gather_object(mine)
+        distributed = {"world_size": comm.world_size, "backend": comm.backend, "ranks": ranks}
+        if tokens is not None:
+            report.calibration.update(samples=samples, shape=[samples, length])
     saved = None
-    if out is not None:
+    if out is not None and comm.is_main:
         meta = {"model": model_name, "rotate": rotate, "rotate_seed": rotate_seed,
                 "report": report.to_json()}
         saved = save_quantized(model, tokenizer, resolved, out, source=resolve(model_name), meta=meta,
                                overwrite=overwrite, scales=report.scales)
-    return QuantizeOutcome(report, model, tokenizer, saved, peak_rss_mb(), load_s, calib_s, cpu_s, resolved)
+    return QuantizeOutcome(report, model, tokenizer, saved, peak_rss_mb(), load_s, calib_s, cpu_s, resolved,
+                           distributed)
 
 
 @dataclass

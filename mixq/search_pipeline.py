@@ -82,7 +82,13 @@ def profile_model(model_name: str, candidates: str | Sequence[str] = DEFAULT_CAN
     ``kl`` is measured on that many random (layer, candidate) pairs and ranked against each metric, on
     the first ``validate_samples`` calibration samples (LM windows; encoders: ``16 x`` that many sentences).
     ``out``: folder receiving ``profile.json`` and ``profile.csv``.
+
+    Started by torchrun (``WORLD_SIZE`` > 1), the ranks split the (layer, candidate) pairs and the
+    empirical Fisher's batches (:mod:`mixq.dist.profile_shard`); every rank returns the whole table,
+    rank 0 writes it.
     """
+    from mixq.dist.comm import process_group_from_env
+    from mixq.dist.profile_shard import ShardedProfile
     from mixq.model.load import load_model, resolve
     from mixq.pipeline import load_tokenizer
     from mixq.sensitivity.profile import METRICS, profile
@@ -107,9 +113,13 @@ def profile_model(model_name: str, candidates: str | Sequence[str] = DEFAULT_CAN
     load_s = time.perf_counter() - t0
     say(f"calibration: {samples} samples from {calib}")
     kind, batches = calibration_batches(model, tokenizer, calib, samples, length, batch_size, seed)
-    table = profile(model, cands, batches, kind=kind, metrics=tuple(metrics), keep=tuple(keep),
-                    model_name=model_name, hutchinson_samples=hutchinson_samples, seed=seed,
-                    progress=progress)
+    with process_group_from_env() as comm:
+        table = profile(model, cands, batches, kind=kind, metrics=tuple(metrics), keep=tuple(keep),
+                        model_name=model_name, hutchinson_samples=hutchinson_samples, seed=seed,
+                        progress=progress, hooks=ShardedProfile(comm) if comm.world_size > 1 else None)
+        main = comm.is_main
+        if comm.world_size > 1:
+            table.meta["ranks"] = comm.world_size
     table.meta.update(model=model_name, calibration=calib, samples=samples, length=length,
                       batch_size=batch_size, keep=list(keep), load_seconds=round(load_s, 3))
     if validate:
@@ -117,7 +127,7 @@ def profile_model(model_name: str, candidates: str | Sequence[str] = DEFAULT_CAN
         subset = batches[:max(1, -(-validate_samples // per_batch))]
         validate_table(table, model, subset, pairs=validate, seed=seed, progress=progress)
         table.validation["batches"] = len(subset)
-    if out is not None:
+    if out is not None and main:
         with staged_folder(Path(out), overwrite, source) as tmp:
             table.save(tmp)
     return table

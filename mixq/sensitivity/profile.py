@@ -18,6 +18,10 @@ Loss: LM next-token cross-entropy. Encoder: Fisher uses ``sum(eps ⊙ pooled(f(x
 ``0.5 * ||pooled(f(x)) - pooled_ref||^2`` whose Hessian at the fp32 weights is ``J^T J``.
 Shared passes (Fisher, Hessian, the block cache) are timed and split evenly over the scored pairs;
 each pair adds its own quantization (and measurement) time.
+
+A sharded profile (several processes, :mod:`mixq.dist.profile_shard`) plugs in through
+:class:`ProfileHooks`: the empirical Fisher pass runs data-parallel over batch shards and is
+combined, the scored pairs are split between the processes and their scores gathered.
 """
 
 from __future__ import annotations
@@ -121,18 +125,40 @@ def _check_options(candidates: Sequence[Candidate], metrics: Sequence[str], hutc
         raise ProfileInputError(f"expected hutchinson_samples >= 1, found {hutchinson_samples}")
 
 
+class ProfileHooks:
+    """Where a sharded profile plugs in; the defaults make one process do everything."""
+
+    def batch_range(self, n: int) -> tuple[int, int]:
+        """``(start, stop)``: the batches (of ``n``) this process uses for the empirical Fisher pass."""
+        return 0, n
+
+    def combine_fisher(self, F: dict[str, Tensor], x_terms: dict[str, list[float]], n_local: int,
+                       n_total: int) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
+        """The Fisher means over all ``n_total`` batches from this process's means over ``n_local``."""
+        return F, x_terms
+
+    def owns(self, pair: int) -> bool:
+        """Whether this process scores the ``pair``-th scored (layer, candidate) pair."""
+        return True
+
+    def gather(self, scores: dict[str, np.ndarray], seconds: dict[str, np.ndarray],
+               owned: list[tuple[int, int]]) -> None:
+        """Fill in place the ``[L, C]`` entries of the pairs other processes scored (``owned``: ours)."""
+
+
 def profile(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence[dict[str, Tensor]], *,
             kind: str = "lm", metrics: Sequence[str] = ("weight", "fisher", "fisher_model"),
             keep: Sequence[str] = ("lm_head",), model_name: str = "", hutchinson_samples: int = 4, seed: int = 0,
-            progress: Progress | None = None) -> SensitivityTable:
+            progress: Progress | None = None, hooks: ProfileHooks | None = None) -> SensitivityTable:
     """Score every profiled layer × candidate under ``metrics``; the model is left exactly as it was.
 
     ``batches``: dicts of ``[B, T]`` tensors (``input_ids``; ``attention_mask`` required for encoders).
     ``kind``: ``lm`` (causal LM with ``lm_head``) | ``encoder`` (``last_hidden_state``). Pairs that do not
     fit score NaN in every metric and get a note. Returns a :class:`SensitivityTable` with scores and
-    seconds ``[L, C]`` per metric.
+    seconds ``[L, C]`` per metric. ``hooks``: where a sharded profile plugs in (:class:`ProfileHooks`).
     """
     t_start = time.perf_counter()
+    hooks = hooks or ProfileHooks()
     metrics = list(metrics)
     _check_options(candidates, metrics, hutchinson_samples)
     data_metrics = [m for m in metrics if m != "weight"]
@@ -168,7 +194,10 @@ def profile(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence
         cache: OutputCache | None = None
         if "fisher" in metrics:
             t0 = time.perf_counter()
-            F, x_terms = fisher_stats(model, modules, data, fisher_loss, input_specs, progress)
+            lo, hi = hooks.batch_range(len(data))
+            loss_fn = fisher_loss if lo == 0 else (lambda m, b, index: fisher_loss(m, b, index + lo))
+            F, x_terms = fisher_stats(model, modules, data[lo:hi], loss_fn, input_specs, progress)
+            F, x_terms = hooks.combine_fisher(F, x_terms, hi - lo, len(data))
             shared["fisher"] = time.perf_counter() - t0
         FM: dict[str, Tensor] = {}
         if "fisher_model" in metrics:
@@ -187,11 +216,16 @@ def profile(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence
             shared["kl"] = time.perf_counter() - t0
 
         done = 0
+        owned: list[tuple[int, int]] = []
         for i, layer in enumerate(layers):
             W = weight_matrix(modules[layer.name])  # [out, in] fp32
             for j, cand in enumerate(candidates):
                 if not ok[i, j] or cand.is_keep:
                     continue
+                if not hooks.owns(done):
+                    done += 1
+                    continue
+                owned.append((i, j))
                 report("pairs", done, len(scored))
                 t0 = time.perf_counter()
                 Wq = quantized_weight(W, cand)
@@ -220,6 +254,7 @@ def profile(model: nn.Module, candidates: Sequence[Candidate], batches: Sequence
             FM.pop(layer.name, None)
         report("pairs", len(scored), len(scored))
         del cache
+    hooks.gather(scores, seconds, owned)
 
     meta = {"kind": kind, "metrics": metrics, "batches": len(batches),
             "tokens": token_count(batches) if batches else 0,
