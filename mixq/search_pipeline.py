@@ -35,12 +35,14 @@ Status = Callable[[str], None]
 @contextlib.contextmanager
 def staged_folder(out: Path, overwrite: bool, source: Path | None = None) -> Iterator[Path]:
     """:func:`mixq.fileio.atomic_folder` after the output checks: ``OutputExistsError`` when ``out``
-    exists and not ``overwrite``, or when ``out`` is ``source``."""
+    exists and not ``overwrite``, or when ``out`` is ``source``. The folder gets ``environment.json``."""
     from mixq.fileio import atomic_folder
+    from mixq.run_info import write_environment
 
     out = Path(out)
     check_target(out, source, overwrite)
     with atomic_folder(out) as tmp:
+        write_environment(tmp)
         yield tmp
 
 

@@ -120,13 +120,16 @@ def summary_table(result: StudyResult, title: str | None = None) -> Table:
 
 
 def save_study(result: StudyResult, out_dir: Path, plot: bool = True) -> dict[str, Path]:
-    """Write ``study.json``, ``study.csv`` and ``study.png`` into ``out_dir``; returns the paths."""
+    """Write ``study.json``, ``study.csv``, ``study.png`` and ``environment.json`` into ``out_dir``;
+    returns the paths."""
     from mixq.eval.study_plot import plot_study
+    from mixq.run_info import write_environment
 
     text = json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n"
     paths = {
         "json": atomic_write_text(out_dir / "study.json", text),
         "csv": atomic_write_text(out_dir / "study.csv", result_to_csv(result)),
+        "environment": write_environment(out_dir),
     }
     if plot:
         paths["png"] = atomic_write(out_dir / "study.png", lambda tmp: plot_study(result, tmp))

@@ -26,6 +26,7 @@ from mixq.export.ct_schemes import PARAM_NAMES, ct_scheme, decode_layer, encode_
 from mixq.export.layers import Exported, ExportError, QuantizedLayer, fill, float_tensors, skeleton
 from mixq.export.manifest import file_records, verify_files
 from mixq.fileio import atomic_folder
+from mixq.run_info import write_environment
 from mixq.model.plan_match import ResolvedPlan, resolve
 from mixq.model.run_folder import check_target
 from mixq.plan import Plan
@@ -142,6 +143,7 @@ def save_compressed_tensors(model: nn.Module, layers: Mapping[str, QuantizedLaye
         **(meta or {}),
     }
     with atomic_folder(out) as tmp:
+        write_environment(tmp)
         config = model.config.to_dict()
         config.pop("torch_dtype", None)
         config["architectures"] = config.get("architectures") or [type(model).__name__]

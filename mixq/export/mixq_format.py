@@ -30,6 +30,7 @@ from mixq.export.manifest import (FORMAT_NAME, FORMAT_VERSION, file_records, lay
                                   read_manifest, tensor_entry, verify_files, write_manifest)
 from mixq.export.tensors import decode_tensor, encode_tensor
 from mixq.fileio import atomic_folder
+from mixq.run_info import write_environment
 from mixq.model.plan_match import ResolvedPlan, resolve
 from mixq.model.run_folder import PLAN, check_target
 from mixq.plan import Plan, PlanError
@@ -99,6 +100,7 @@ def save_mixq(model: nn.Module, layers: Mapping[str, QuantizedLayer], resolved: 
         "layers": {n: layer_entry(q) for n, q in layers.items()},
     }
     with atomic_folder(out) as tmp:
+        write_environment(tmp)
         _config(model).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

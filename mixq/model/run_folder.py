@@ -28,6 +28,7 @@ from torch import nn
 
 import mixq
 from mixq.fileio import atomic_folder
+from mixq.run_info import write_environment
 from mixq.model.load import ModelLoadError, load_model
 from mixq.model.plan_match import ResolvedPlan, resolve
 from mixq.model.qmodules import ActQuantizer, QuantLinear, unwrap, wrap
@@ -94,6 +95,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, resolved: ResolvedPlan, out
         info = {"mixq_version": mixq.__version__, "source": str(source) if source is not None else None,
                 **(meta or {})}
         (tmp / META).write_text(json.dumps(info, indent=1, default=str) + "\n")
+        write_environment(tmp)
     return out
 
 
