@@ -1,7 +1,17 @@
 """The ``mixq`` command line: argument parsing, progress and printing; the work is done elsewhere.
 
-User errors (a bad spec, an unknown format, a model that cannot be found) print one line
-``error: ...`` on stderr and exit with status 2; ``--debug`` shows the traceback instead.
+Errors print one line ``error: ...`` on stderr (``--debug`` shows the traceback instead) and exit with
+a status scripts can rely on:
+
+====  =====================================================================================
+0     success
+1     internal error (a bug in mixq: the line says so and how to get the traceback)
+2     bad input: a spec, plan, option, config, model path or output folder (the line says what
+      was expected, what was found and what to do)
+3     environment: an optional package that is not installed (the line names the install command)
+4     out of memory
+130   interrupted (Ctrl-C)
+====  =====================================================================================
 """
 
 from __future__ import annotations
@@ -34,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of errors")
+    common.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="read options from a YAML file (keys as the flags, without dashes)")
+    common.add_argument("--set", metavar="KEY=VALUE", action="append", default=argparse.SUPPRESS,
+                        help="override one config option (repeatable); flags typed here win over both")
     parser = argparse.ArgumentParser(prog="mixq", parents=[common],
                                      description="Mixed-precision quantization of PyTorch models.")
     parser.add_argument("--version", action="version", version=f"mixq {mixq.__version__}")
@@ -188,9 +202,16 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mixq`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    from mixq.cli_config import ConfigError, expand_argv, save_config
+
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        expanded = expand_argv(list(sys.argv[1:] if argv is None else argv), parser)
+    except ConfigError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(expanded)
     except SystemExit as exit_:  # argparse: --help, --version, usage errors (status 2)
         return int(exit_.code or 0)
     debug = getattr(args, "debug", False)
@@ -198,13 +219,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mixq.dist.comm import quiet_unless_main
 
         with quiet_unless_main():  # under torchrun only rank 0 prints
-            return COMMANDS[args.command](args)
-    except (UserError, ValueError, FileNotFoundError) as error:
-        if debug:
-            raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+            status = COMMANDS[args.command](args)
+        if status == 0:
+            save_config(args)
+        return status
+    except (UserError, ValueError, FileNotFoundError, KeyError) as error:
+        return _fail(error, EXIT_USER, debug)
+    except ImportError as error:
+        missing = getattr(error, "name", None) or "a package"
+        hint = OPTIONAL_PACKAGES.get(str(missing).split(".")[0], f"pip install {missing}")
+        return _fail(error, EXIT_ENVIRONMENT, debug,
+                     f"this needs the optional package {missing!r}, which is not installed: {hint}")
+    except MemoryError as error:
+        return _fail(error, EXIT_MEMORY, debug, "out of memory: lower --samples, --length or --batch-size, "
+                     "or quantize with --max-memory (streamed, one block at a time)")
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: one line unless --debug, and how to get the traceback
+        return _fail(error, EXIT_INTERNAL, debug, f"internal error ({type(error).__name__}: "
+                     f"{' '.join(str(error).split())}); rerun with --debug for the traceback and report it")
+
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_ENVIRONMENT, EXIT_MEMORY = 0, 1, 2, 3, 4
+OPTIONAL_PACKAGES = {
+    "compressed_tensors": "pip install 'mixq[export]' (compressed-tensors)",
+    "numba": "pip install 'mixq[fast]' (numba); without it the exact torch reference runs",
+    "matplotlib": "pip install matplotlib",
+    "gguf": "pip install gguf",
+}
+
+
+def _fail(error: BaseException, status: int, debug: bool, message: str | None = None) -> int:
+    """Print ``error: ...`` in one line (or re-raise with ``--debug``) and return ``status``."""
+    if debug:
+        raise error
+    raw = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError quotes its text
+    text = message or " ".join(str(raw).split()) or type(error).__name__
+    print(f"error: {text}", file=sys.stderr)
+    return status

@@ -80,7 +80,7 @@ def test_study_json_files_and_group_size_skip(tiny_llama, tmp_path, capsys):
     assert summary["mxfp4"]["bits_per_value"] == 4.25
     assert 25 < summary["int8:channel"]["sqnr_mean_db"] < 60 and not summary["int8:channel"]["on_grid"]
     assert {p.name for p in out_dir.iterdir()} == {"study.json", "study.csv", "study.png",
-                                                "environment.json"}  # no temp files
+                                                "environment.json", "config.yaml"}  # no temp files
     assert (out_dir / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out_dir / "study.json").read_text())
     assert len(saved["layers"]) == 3 * LINEARS

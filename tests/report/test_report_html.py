@@ -91,7 +91,7 @@ def test_compare_puts_kinds_side_by_side(runs, cli):
     by = {r["kind"]: r for r in rows}
     assert by["quantize"]["bits_per_weight"] == pytest.approx(5.0) and by["quantize"]["plan"] == "int4:g32 x14"
     assert by["train"]["bits_per_weight"] is None and by["train"]["metric"] == "heldout_loss"
-    assert by["train"]["torch"] and by["quantize"]["torch"] is None  # train records its environment
+    assert by["train"]["torch"] and by["quantize"]["torch"]  # every run folder records its environment
     best = by["frontier"]
     measured = [p["measured"] for p in load_run(runs["frontier"]).data["points"]
                 if p["family"] != "uniform" and p["measured"] is not None]
