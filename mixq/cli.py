@@ -54,12 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("formats", parents=[common], help="list every named number format",
-                       description="List every named number format with its bits, range and values.")
+                       description="List every named number format with its bits, range and values.",
+                       epilog="example:\n  mixq formats\n  mixq formats --json | python -c "
+                              "\"import json,sys; print([f['name'] for f in json.load(sys.stdin)])\"",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
     p = sub.add_parser("study", parents=[common], help="weight error of many quantizer specs, per layer",
                        description="Round-to-nearest weight error (MSE, SQNR) of each spec on every "
-                                   "linear-like layer, with honest bits per value.")
+                                   "linear-like layer, with honest bits per value.",
+                       epilog="example:\n  mixq study smollm2 --specs int4:g64,mxfp4,nvfp4,fp8_e4m3:channel "
+                              "--out runs/study-smollm2",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="minilm, smollm2, or a local Hugging Face model folder")
     p.add_argument("--specs", default=DEFAULT_SPECS,
                    help=f"comma-separated quantizer specs (default: {DEFAULT_SPECS})")

@@ -93,3 +93,13 @@ def test_exit_statuses(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "formats", bug)
     with pytest.raises(RuntimeError):
         cli.main(["formats", "--debug"])
+
+
+def test_every_command_has_an_example_json_output_and_config(parser):
+    from mixq.cli_config import _subparsers
+
+    for name, sub in _subparsers(parser).items():
+        text = sub.format_help()
+        assert "example" in text, name
+        flags = {s for a in sub._actions for s in a.option_strings}
+        assert {"--json", "--config", "--set", "--debug"} <= flags, name
