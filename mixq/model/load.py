@@ -130,14 +130,72 @@ def resolve(name_or_path: str | os.PathLike[str], cache: Path | None = None,
     return path
 
 
+class MemoryRiskError(ModelLoadError):
+    """Loading the model in fp32 would need more memory than is available now (checked before loading)."""
+
+
+LOAD_OVERHEAD = 1.25  # fp32 weights plus what loading and one calibration block add, as a multiple
+RUNTIME_BYTES = 600 * 2**20  # torch, transformers and the interpreter
+
+
+def fp32_bytes(folder: Path) -> int | None:
+    """Bytes of the folder's safetensors weights in fp32, from the file headers (None: no safetensors)."""
+    from mixq.model.lazy import LazyCheckpoint
+
+    try:
+        checkpoint = LazyCheckpoint(folder)
+    except (ModelLoadError, OSError, ValueError):
+        return None
+    total = 0
+    for info in checkpoint.tensors.values():
+        n = 1
+        for d in info.shape:
+            n *= d
+        total += 4 * n
+    return total
+
+
+def available_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(folder: Path, available: int | None = None) -> None:
+    """Raise :class:`MemoryRiskError` when ``folder``'s model in fp32 clearly does not fit in the memory
+    available now (``available`` bytes; default: MemAvailable). ``MIXQ_MEMORY_CHECK=0`` skips it."""
+    if os.environ.get("MIXQ_MEMORY_CHECK", "1") == "0":
+        return
+    need = fp32_bytes(folder)
+    free = available_bytes() if available is None else available
+    if need is None or free is None:
+        return
+    total = int(need * LOAD_OVERHEAD) + RUNTIME_BYTES
+    if total > free:
+        gib = 2**30
+        raise MemoryRiskError(
+            f"expected about {total / gib:.1f} GiB of free memory to load {folder} in fp32 "
+            f"({need / gib:.1f} GiB of weights), found {free / gib:.1f} GiB available: quantize it streamed, "
+            f"one block at a time (mixq quantize ... --max-memory {max(1, int(free * 0.8 / 2**20))}M), "
+            "free memory, or set MIXQ_MEMORY_CHECK=0 to try anyway")
+
+
 def load_model(name_or_path: str | os.PathLike[str], cache: Path | None = None,
                status: Status | None = None) -> torch.nn.Module:
     """Load a model by name or folder path, offline, in fp32 and eval mode.
 
     The class is the one named in ``config.json``'s ``architectures`` (so a causal LM keeps its
     ``lm_head``), falling back to ``AutoModel``. ``status`` receives one-line progress messages.
+    A model that clearly cannot fit in the available memory is refused before loading
+    (:func:`check_memory`).
     """
     folder = resolve(name_or_path, cache, status)
+    check_memory(folder)
     import transformers
 
     try:

@@ -66,3 +66,17 @@ def test_smollm2_cache_hit_does_not_convert(tmp_path):
     messages: list[str] = []
     assert smollm2_path(tmp_path, status=messages.append) == target
     assert messages == []  # nothing was converted
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading(make_llama_folder, tmp_path, monkeypatch):
+    from mixq.model.load import MemoryRiskError, check_memory, fp32_bytes
+
+    folder = make_llama_folder(tmp_path) / "src"
+    need = fp32_bytes(folder)
+    assert need and need > 0
+    check_memory(folder, available=64 * 2**30)  # plenty: nothing to say
+    with pytest.raises(MemoryRiskError, match="--max-memory") as err:
+        check_memory(folder, available=need // 2)
+    assert str(folder) in str(err.value) and "GiB" in str(err.value)
+    monkeypatch.setenv("MIXQ_MEMORY_CHECK", "0")
+    check_memory(folder, available=1)  # the escape hatch the message names
