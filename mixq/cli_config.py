@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 # options that describe how a command is run, not what it computes: never saved in config.yaml
+CONFIG = "config.yaml"
 SESSION_KEYS = frozenset({"debug", "config", "set", "json", "overwrite", "command", "out", "resume"})
 
 
@@ -179,7 +180,8 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def save_config(args: argparse.Namespace) -> Path | None:
-    """Write ``config.yaml`` into ``args.out`` when it is a folder the command made; returns its path."""
+    """Write ``config.yaml`` into ``args.out`` when it is a folder (``config-COMMAND.yaml`` when the folder
+    already holds another command's config, e.g. ``eval --out RUN``); returns its path."""
     import yaml
 
     from mixq.fileio import atomic_write_text
@@ -187,6 +189,9 @@ def save_config(args: argparse.Namespace) -> Path | None:
     out = getattr(args, "out", None)
     if out is None or not Path(out).is_dir() or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 writes
         return None
-    text = "# mixq run config: mixq " + args.command + " --config config.yaml repeats this run\n"
+    path = Path(out) / CONFIG
+    if path.is_file() and (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("command") != args.command:
+        path = Path(out) / f"config-{args.command}.yaml"  # e.g. eval --out RUN keeps quantize's config
+    text = f"# mixq run config: mixq {args.command} --config {path.name} repeats this run\n"
     text += yaml.safe_dump(config_of(args), sort_keys=False)
-    return atomic_write_text(Path(out) / "config.yaml", text)
+    return atomic_write_text(path, text)

@@ -78,6 +78,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true", help="perplexity only")
     p.add_argument("--kl-windows", type=int, default=None, metavar="N",
                    help="KL/top-1 on the first N test windows (default: all)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder to save eval.json in (a run folder gains the file; created if missing)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout (only that)")
 
 
@@ -133,6 +135,8 @@ def cmd_quantize(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
     result = outcome.to_json()
     if evaluation is not None:
         result["eval"] = evaluation.to_json()
+        if args.out is not None and Path(args.out).is_dir():
+            save_evaluation(evaluation, Path(args.out))
     if args.json:
         print(json.dumps(result, indent=1, default=str))
         return 0
@@ -189,8 +193,27 @@ def cmd_eval(args: argparse.Namespace, consoles: Any, quiet: Any) -> int:
                           reference=args.reference, compare=not args.no_reference,
                           agreement_windows=args.kl_windows,
                           progress=lambda d, t: bar.update(completed=d, total=t))
+    if args.out is not None:
+        save_evaluation(result, args.out)
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
         return 0
     out.print(_eval_line(result) + f" [{result.seconds:.1f} s]")
+    if args.out is not None:
+        err.print(f"wrote {args.out / EVAL_FILE}")
     return 0
+
+
+EVAL_FILE = "eval.json"
+
+
+def save_evaluation(evaluation: Any, folder: Path) -> Path:
+    """Write ``evaluation.to_json()`` as ``folder/eval.json`` (atomically; the folder is created if
+    needed, a run folder gains the file) and the environment next to it; returns the file's path."""
+    from mixq.fileio import atomic_write_text
+    from mixq.run_info import ENVIRONMENT, write_environment
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / ENVIRONMENT).is_file():
+        write_environment(folder)
+    return atomic_write_text(folder / EVAL_FILE, json.dumps(evaluation.to_json(), indent=1) + "\n")

@@ -139,3 +139,19 @@ def test_eval_source_with_itself_as_reference(folders, capsys):
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["kl"] == pytest.approx(0.0, abs=1e-6) and result["top1"] == 1.0
+
+
+def test_evaluations_are_saved_in_the_run_folder(folders, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "q"  # (quantize --eval uses the wiki text: this tiny model has no tokenizer)
+    assert main(quantize_args(folders, out, "--spec", "int4:g32")) == 0
+    assert (out / "environment.json").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["command"] == "quantize"
+    args = ["eval", str(out), "--data", str(folders / "tokens.pt"), "--windows", "2", "--length", "32",
+            "--out", str(out)]
+    assert main(args) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["tokens"] == 2 * 31 and again["data"] == str(folders / "tokens.pt")
+    assert yaml.safe_load((out / "config.yaml").read_text())["command"] == "quantize"  # kept
+    assert yaml.safe_load((out / "config-eval.yaml").read_text())["command"] == "eval"
