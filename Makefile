@@ -1,6 +1,6 @@
 # mixq: `make demo` sets everything up on a fresh machine and runs the main job (profile, search the
-# frontier, quantize the chosen plans with GPTQ, evaluate, report, export the 4.25-bit plan packed
-# and generate text from it); `make test` the suite.
+# frontier, quantize the chosen plans with GPTQ, evaluate, write the HTML report, export the 4.25-bit
+# plan packed and generate text from it); `make test` the suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -27,13 +27,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mixq formats
-	$(VENV)/bin/mixq profile smollm2 --samples 8 --validate 24 --out runs/demo/profile --overwrite
-	$(VENV)/bin/mixq frontier runs/demo/profile --budgets 3.5,4.25,5 --algorithm gptq --measure --samples 32 \
-		--out runs/demo/frontier --overwrite
-	$(VENV)/bin/mixq export smollm2 --plan runs/demo/frontier/plans/joint@4.25.yaml --samples 32 \
+	$(VENV)/bin/mixq profile smollm2 --samples 8 --validate 16 --out runs/demo/profile --overwrite
+	$(VENV)/bin/mixq frontier runs/demo/profile --budgets 3.5,4.25,5 --algorithm gptq --measure --samples 16 \
+		--eval-windows 16 --out runs/demo/frontier --overwrite
+	$(VENV)/bin/mixq report runs/demo/frontier
+	$(VENV)/bin/mixq export smollm2 --plan runs/demo/frontier/plans/joint@4.25.yaml --samples 16 \
 		--out runs/demo/export --overwrite
 	$(VENV)/bin/mixq generate runs/demo/export --prompt "The capital of France is" --max-new-tokens 24
+	@echo "open runs/demo/frontier/report.html: the frontier, the plans and their allocations"
 
 study: $(STAMP)
 	$(VENV)/bin/mixq study smollm2 --specs $(DEMO_SPECS) --out runs/study-smollm2
