@@ -9,7 +9,9 @@ Layout of ``OUT.partial/`` (next to the run folder ``OUT``)::
     block-00003.ranges.safetensors its static activation quantizers' ranges (``{module}.lo/.hi``)
     block-00003.json               its layer reports, and the layers whose scales are None
     inputs-00004.pt                the calibration inputs of block 4 (the next block to quantize)
+    inputs-00004.rank1.pt          rank 1's share of them, in a data-parallel run (rank 0 writes it)
     final.pt                       the last block's outputs, when a layer after the blocks needs data
+                                   (``final.rank1.pt``: rank 1's)
 
 Every file is written to a temporary name and renamed; the manifest is updated after a block's
 files and the next inputs exist, and older inputs are deleted only after that, so a run killed at
@@ -50,6 +52,7 @@ class RunKey:
     calibration: str | None
     blocks: int
     batch_size: int
+    ranks: int = 1  # processes of a data-parallel run: each stages its own share of the inputs
 
 
 def plan_hash(plan: Any) -> str:
@@ -97,6 +100,7 @@ class Staging:
         manifest = folder / MANIFEST
         if resume and manifest.is_file():
             saved = json.loads(manifest.read_text())
+            saved.setdefault("ranks", 1)
             wrong = [f"{k} (staged {saved.get(k)!r}, now {v!r})" for k, v in asdict(key).items()
                      if saved.get(k) != v]
             if wrong:
@@ -114,12 +118,11 @@ class Staging:
     def block_file(self, i: int, part: str = "") -> Path:
         return self.folder / f"block-{i:05d}{'.' + part if part else ''}.safetensors"
 
-    def inputs_file(self, i: int) -> Path:
-        return self.folder / f"inputs-{i:05d}.pt"
+    def inputs_file(self, i: int, rank: int = 0) -> Path:
+        return self.folder / f"inputs-{i:05d}{f'.rank{rank}' if rank else ''}.pt"
 
-    @property
-    def final_file(self) -> Path:
-        return self.folder / "final.pt"
+    def final_file(self, rank: int = 0) -> Path:
+        return self.folder / f"final{f'.rank{rank}' if rank else ''}.pt"
 
     def mark_done(self, done: int) -> None:
         self.done = done
@@ -160,24 +163,27 @@ class Staging:
         return _load_tensors(self.block_file(i, "ranges")), scales, info["reports"]
 
     # --- calibration inputs --------------------------------------------------------------------
-    def save_inputs(self, i: int, inputs: list[tuple[tuple, dict]]) -> None:
-        atomic_write(self.inputs_file(i), lambda tmp: torch.save(inputs, tmp))
+    def save_inputs(self, i: int, inputs: list[tuple[tuple, dict]], rank: int = 0) -> None:
+        atomic_write(self.inputs_file(i, rank), lambda tmp: torch.save(inputs, tmp))
 
-    def load_inputs(self, i: int) -> list[tuple[tuple, dict]]:
-        path = self.inputs_file(i)
+    def load_inputs(self, i: int, rank: int = 0) -> list[tuple[tuple, dict]]:
+        path = self.inputs_file(i, rank)
         if not path.is_file():
             raise ResumeError(f"cannot resume from {self.folder}: expected the calibration inputs of block "
                               f"{i} ({path.name}), found none; rerun without --resume to start over")
         return torch.load(path, weights_only=True)
 
     def drop_inputs(self, i: int) -> None:
-        self.inputs_file(i).unlink(missing_ok=True)
+        """Delete every rank's inputs of block ``i``."""
+        for rank in range(self.key.ranks):
+            self.inputs_file(i, rank).unlink(missing_ok=True)
 
-    def save_final(self, hidden: list[Tensor]) -> None:
-        atomic_write(self.final_file, lambda tmp: torch.save(hidden, tmp))
+    def save_final(self, hidden: list[Tensor], rank: int = 0) -> None:
+        atomic_write(self.final_file(rank), lambda tmp: torch.save(hidden, tmp))
 
-    def load_final(self) -> list[Tensor] | None:
-        return torch.load(self.final_file, weights_only=True) if self.final_file.is_file() else None
+    def load_final(self, rank: int = 0) -> list[Tensor] | None:
+        path = self.final_file(rank)
+        return torch.load(path, weights_only=True) if path.is_file() else None
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -13,6 +13,11 @@ same arithmetic on the same tensors, block by block.
 An interrupted run resumes (``resume=True``) from the last completed block. An LM head that needs
 data is calibrated from the last block's outputs through the final norm (the forward pass of the
 in-memory path, stopped at the head's input).
+
+Started by torchrun (``WORLD_SIZE`` > 1) the run is also data-parallel, as :func:`mixq.pipeline.quantize`
+is: each rank calibrates on its contiguous share of the windows, :class:`~mixq.dist.DataParallelHooks`
+combines the statistics around the :class:`StreamHooks`, every rank reads every block, and rank 0
+alone writes the staging folder (every rank's inputs, :mod:`mixq.stream_ranks`) and the run folder.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from torch import Tensor, nn
 
 import mixq
 from mixq.algorithms.hooks import BlockInputs, RunHooks
+from mixq.dist.comm import Comm, process_group_from_env, shard_range
+from mixq.dist.reduce import DataParallelHooks
 from mixq.algorithms.runner import Progress, default_forward, needs_calibration, quantize_model
 from mixq.model.arch import arch_facts
 from mixq.model.capture import StopForward
@@ -43,6 +50,7 @@ from mixq.model.tree import blocks, get_module, set_weight_matrix, weight_matrix
 from mixq.pipeline import QuantizeOutcome, calibration_tokens, load_tokenizer, peak_rss_mb
 from mixq.plan import Plan, PlanError
 from mixq.stream_memory import estimate
+from mixq.stream_ranks import SharedStaging, on_main
 from mixq.stream_stage import RunKey, Staging, plan_hash, staging_folder, tokens_hash, write_shards
 
 
@@ -53,9 +61,9 @@ def _rows_need_data(resolved: ResolvedPlan, rows: list[Any]) -> bool:
 class StreamHooks(RunHooks):
     """Runner hooks of a streamed run: fill a block from disk, stage it, release it."""
 
-    def __init__(self, model: nn.Module, checkpoint: LazyCheckpoint, stage: Staging, resolved: ResolvedPlan,
-                 block_tensors: list[list[str]], *, blocks_data: bool, outside_data: bool,
-                 batch_index: dict[int, int]) -> None:
+    def __init__(self, model: nn.Module, checkpoint: LazyCheckpoint, stage: SharedStaging,
+                 resolved: ResolvedPlan, block_tensors: list[list[str]], *, blocks_data: bool,
+                 outside_data: bool, batch_index: dict[int, int]) -> None:
         self.model = model
         self.checkpoint = checkpoint
         self.stage = stage
@@ -72,12 +80,11 @@ class StreamHooks(RunHooks):
 
     def start(self, block_names: list[str]) -> tuple[int, BlockInputs | None]:
         n = len(block_names)
-        first = self.stage.done
+        # after the last staged block; the last block again if killed before its outputs were staged
+        first = self.stage.first_block(n, blocks_data=self.blocks_data, outside_data=self.outside_data)
         if first == n and self.outside_data:
             self.final = self.stage.load_final()
-            if self.final is None:  # killed between the last block and its outputs: redo it
-                first = n - 1
-        for i in range(first):
+        for i in range(first):  # rank 0 only: the other ranks write nothing, so restore nothing
             ranges, scales, reports = self.stage.load_block_extras(i)
             for key, value in ranges.items():
                 owner_name, attr = key.rsplit(".", 1)
@@ -99,13 +106,14 @@ class StreamHooks(RunHooks):
 
     def leave_block(self, index: int, name: str, block: nn.Module, next_inputs: BlockInputs | None) -> None:
         names = self.block_tensors[index]
-        weights = {n: tensor_of(self.model, n).detach().contiguous() for n in names}
-        ranges = {f"{name}.{path}.{key}": getattr(q, key).detach().clone().contiguous()
-                  for path, q in block.named_modules() if isinstance(q, ActQuantizer) and q.static
-                  for key in ("lo", "hi")}
-        reports, scales = self.pending
-        self.stage.save_block(index, weights, ranges, scales, reports)
-        del weights
+        if self.stage.is_main:
+            weights = {n: tensor_of(self.model, n).detach().contiguous() for n in names}
+            ranges = {f"{name}.{path}.{key}": getattr(q, key).detach().clone().contiguous()
+                      for path, q in block.named_modules() if isinstance(q, ActQuantizer) and q.static
+                      for key in ("lo", "hi")}
+            reports, scales = self.pending
+            self.stage.save_block(index, weights, ranges, scales, reports)
+            del weights
         if next_inputs is not None:
             self.stage.save_inputs(index + 1, next_inputs)
         self.stage.mark_done(index + 1)
@@ -154,13 +162,31 @@ def quantize_streamed(model_name: str, plan: Plan, *, out: str | os.PathLike[str
     weight or calibration text is read. ``resume``: continue from ``OUT.partial`` if it holds the same
     run (else :class:`~mixq.stream_stage.ResumeError`). The outcome's ``model`` is the meta skeleton
     (blocks without weights); load ``out`` with :func:`~mixq.model.run_folder.load_quantized`.
+
+    Under torchrun every rank calibrates on its share of the windows (the budget is per rank), only
+    rank 0 writes, and the other ranks' outcome has ``out=None``; a resumed run needs the same number
+    of ranks as the interrupted one.
     """
+    with process_group_from_env() as comm:
+        return _quantize_streamed(model_name, plan, comm, out=Path(out), max_memory=max_memory, resume=resume,
+                                  calib=calib, samples=samples, length=length, seed=seed,
+                                  batch_size=batch_size, rotate=rotate, overwrite=overwrite,
+                                  progress=progress, status=status)
+
+
+def _quantize_streamed(model_name: str, plan: Plan, comm: Comm, *, out: Path, max_memory: int | None,
+                       resume: bool, calib: str | None, samples: int, length: int, seed: int, batch_size: int,
+                       rotate: str | None, overwrite: bool, progress: Progress | None,
+                       status: Callable[[str], None] | None) -> QuantizeOutcome:
     say = status or (lambda _m: None)
     if rotate:
         raise PlanError(f"expected no offline rotation in a streamed run, found rotate={rotate!r}: it "
                         "rewrites every block up front; use the online Hadamard (--hadamard) or the "
                         "in-memory path")
-    out = Path(out)
+    ranks = comm.world_size
+    if ranks > 1 and calib is not None and samples < ranks:
+        raise ValueError(f"expected at least one calibration window per rank, found {samples} windows "
+                         f"for {ranks} ranks: raise --samples or start fewer processes")
     t0 = time.perf_counter()
     folder = resolve(model_name, status=say)
     check_target(out, folder, overwrite)
@@ -185,7 +211,8 @@ def quantize_streamed(model_name: str, plan: Plan, *, out: str | os.PathLike[str
     _check_outside(facts, outside_rows, resolved, blocks_data, outside_data)
     head_row = resolved.by_name().get(facts.lm_head) if facts.lm_head else None
     untie = bool(tied_aliases(model)) and head_row is not None and head_row.spec.weights is not None
-    need = estimate(model, resolved, block_names, tokens=(samples, length) if blocks_data else None,
+    share = -(-samples // ranks)  # the largest rank's windows: every rank checks the same estimate
+    need = estimate(model, resolved, block_names, tokens=(share, length) if blocks_data else None,
                     batch_size=batch_size, untie=untie)
     need.check(max_memory)
     say(f"streaming {len(block_names)} blocks from {folder}; estimated memory {need.describe()}")
@@ -201,30 +228,49 @@ def quantize_streamed(model_name: str, plan: Plan, *, out: str | os.PathLike[str
         tokens = calibration_tokens(tokenizer, calib, samples, length, seed)
     calib_s = time.perf_counter() - t1
     key = RunKey(str(folder.resolve()), plan_hash(resolved.plan), tokens_hash(tokens), len(block_names),
-                 batch_size)
-    stage = Staging.open(staging_folder(out), key, resume)
+                 batch_size, ranks)
+    stage = SharedStaging.open(comm, staging_folder(out), key, resume)
     resumed_after = stage.done
     if stage.done:
         say(f"resuming after {stage.done} of {len(block_names)} blocks from {stage.folder}")
+    if tokens is not None and ranks > 1:
+        start, stop = shard_range(tokens.shape[0], comm.rank, ranks)
+        say(f"rank {comm.rank} of {ranks}: calibration windows {start}..{stop - 1}")
+        tokens = tokens[start:stop]  # [stop - start, length]
     starts = range(0, tokens.shape[0], batch_size) if tokens is not None else range(0)
     batch_index = {tokens[i:i + batch_size].data_ptr(): k for k, i in enumerate(starts)}
     hooks = StreamHooks(model, checkpoint, stage, resolved, block_tensors, blocks_data=blocks_data,
                         outside_data=outside_data, batch_index=batch_index)
+    run_hooks = DataParallelHooks(comm, inner=hooks) if ranks > 1 else hooks
     cpu0 = time.process_time()
     report = quantize_model(model, resolved, tokens, batch_size=batch_size, forward=hooks.forward,
-                            progress=progress, hooks=hooks)
+                            progress=progress, hooks=run_hooks)
     cpu_s = time.process_time() - cpu0
     _merge_restored(report, hooks)
+    distributed = None
+    if isinstance(run_hooks, DataParallelHooks):
+        mine = {"rank": comm.rank, "windows": None if tokens is None else int(tokens.shape[0]),
+                "wall_s": report.seconds, "cpu_s": cpu_s, "peak_rss_mb": peak_rss_mb(),
+                "reduce_s": run_hooks.seconds, "reduced_mb": run_hooks.bytes / 2**20}
+        distributed = {"world_size": ranks, "backend": comm.backend, "ranks": comm.all_gather_object(mine)}
+        if tokens is not None:
+            report.calibration.update(samples=samples, shape=[samples, length])
     meta = {"model": model_name, "rotate": None, "rotate_seed": None, "report": report.to_json(),
             "streamed": {"blocks": len(block_names), "resumed_after": resumed_after,
-                         "estimated_bytes": need.total,
-                         "max_memory": max_memory}}
-    saved = write_run_folder(model, tokenizer, resolved, out, stage, all_names, in_block, source=folder,
-                             meta=meta, scales=report.scales, overwrite=overwrite)
-    stage.remove()
-    return QuantizeOutcome(report=report, model=model, tokenizer=tokenizer, out=saved,
+                         "estimated_bytes": need.total, "max_memory": max_memory, "ranks": ranks}}
+
+    def finish() -> Path:
+        assert stage.stage is not None
+        saved = write_run_folder(model, tokenizer, resolved, out, stage.stage, all_names, in_block,
+                                 source=folder, meta=meta, scales=report.scales, overwrite=overwrite)
+        stage.remove()
+        return saved
+
+    saved = on_main(comm, finish)  # the other ranks return once the run folder is complete
+    return QuantizeOutcome(report=report, model=model, tokenizer=tokenizer,
+                           out=saved if comm.is_main else None,
                            peak_rss_mb=peak_rss_mb(), load_seconds=load_s, calib_seconds=calib_s,
-                           cpu_seconds=cpu_s, resolved=resolved)
+                           cpu_seconds=cpu_s, resolved=resolved, distributed=distributed)
 
 
 def _rotate_online(model: nn.Module, resolved: ResolvedPlan, block_name: str) -> None:

@@ -81,6 +81,19 @@ class Comm:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def send_object(self, obj: Any, dst: int) -> None:
+        """Send picklable ``obj`` to rank ``dst`` alone (which calls :meth:`recv_object`)."""
+        if self.world_size > 1:
+            dist.send_object_list([obj], dst=dst)
+
+    def recv_object(self, src: int) -> Any:
+        """The object rank ``src`` sent to this rank with :meth:`send_object`."""
+        if self.world_size == 1:
+            raise DistributedError("recv_object in a single process: there is no other rank to send")
+        box: list[Any] = [None]
+        dist.recv_object_list(box, src=src)
+        return box[0]
+
     def barrier(self) -> None:
         """Wait until every rank reaches this point."""
         if self.world_size > 1:

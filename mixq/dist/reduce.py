@@ -6,7 +6,8 @@ windows; before any weight is quantized the statistics are combined over the ran
 ========================  ===========================================  ==========================
 statistic                 combination                                  equal to one process
 ========================  ===========================================  ==========================
-Hessian sum ``X^T X``     all-reduce sum (fp32), ``nsamples`` summed   up to the order of fp32 sums
+Hessian sum ``X^T X``     all-reduce sum (fp64), ``nsamples`` summed   to fp64 rounding; ``H``
+                                                                       (fp32) bit for bit (docs)
 channel absmax            all-reduce max                               exactly
 input sum / count         all-reduce sum (fp64) / sum                  up to the order of fp64 sums
 observer ``lo`` / ``hi``  all-reduce min / max                         exactly
@@ -87,7 +88,7 @@ def stats_bytes(st: LayerStats) -> int:
     """Bytes of what :func:`reduce_layer_stats` combines for ``st`` (Hessian sum, maxima, sums, sample)."""
     n = 0
     if st.hessian is not None:
-        n += st.hessian.in_features ** 2 * 4
+        n += st.hessian.in_features ** 2 * 8  # the fp64 sum
     for t in (st.absmax, st.sum):
         n += t.numel() * t.element_size() if t is not None else 0
     sample = st.sample
