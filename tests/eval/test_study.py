@@ -120,7 +120,8 @@ def test_save_writes_all_files(tmp_path):
     result = study([("grid", on_int4_grid()), ("noise", torch.randn(8, 64))], ["int4:channel", "nvfp4"])
     result.meta["model"] = "synthetic"
     paths = result.save(tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["study.csv", "study.json", "study.png"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["environment.json", "study.csv", "study.json",
+                                                                   "study.png"]
     rows = list(csv.DictReader(paths["csv"].open()))
     assert len(rows) == 4 and rows[0]["sqnr_db"] == "inf" and rows[0]["family"] == "INT"
     assert json.loads(paths["json"].read_text())["model"] == "synthetic"
