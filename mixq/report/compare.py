@@ -6,40 +6,31 @@ in JSON and ``-`` in the table.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from mixq.report.layers import spec_summary
-from mixq.report.runs import Run, load_run
+from mixq.report.runs import Run, finite_float, load_run
 
 COLUMNS = ("run", "kind", "model", "plan", "bits_per_weight", "metric", "value", "seconds", "mixq", "torch",
            "commit")
-
-
-def _f(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _best_frontier(points: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The searched point of least measured (else predicted) degradation among the Pareto points."""
     searched = [p for p in points if p.get("family") != "uniform"]
     key = "measured" if any(p.get("measured") is not None for p in searched) else "predicted"
-    ranked = [p for p in searched if _f(p.get(key)) is not None]
-    return min(ranked, key=lambda p: (_f(p[key]), _f(p.get("bits_per_weight")) or 0.0)) if ranked else None
+    ranked = [p for p in searched if finite_float(p.get(key)) is not None]
+    return min(ranked, key=lambda p: (finite_float(p[key]), finite_float(p.get("bits_per_weight")) or 0.0)) if ranked else None
 
 
 def _eval_metric(ev: dict[str, Any] | None) -> tuple[str | None, float | None]:
     if not ev:
         return None, None
     for name in ("ppl", "kl", "cosine", "accuracy"):
-        if _f(ev.get(name)) is not None:
-            return name, _f(ev[name])
+        if finite_float(ev.get(name)) is not None:
+            return name, finite_float(ev[name])
     return None, None
 
 
@@ -60,41 +51,41 @@ def run_summary(run: Run) -> dict[str, Any]:
         report = d.get("report") or {}
         row.update(model=d.get("model") or d.get("source"),
                    plan=spec_summary([str(r.get("spec", "")).split(" ")[0] for r in report.get("layers") or []]),
-                   bits_per_weight=_f((report.get("bits") or {}).get("quantized_bits_per_weight")),
-                   seconds=_f(report.get("seconds")))
+                   bits_per_weight=finite_float((report.get("bits") or {}).get("quantized_bits_per_weight")),
+                   seconds=finite_float(report.get("seconds")))
         row["metric"], row["value"] = _eval_metric(run.extra.get("eval"))
     elif run.kind == "train":
         what = f"QAT {d['qat']}" if d.get("qat") else f"recipe {d.get('recipe')}"
         row.update(model=d.get("task"), plan=f"{what}, {d.get('optimizer')}, {d.get('steps')} steps",
-                   metric=d.get("metric"), value=_f((d.get("metrics") or {}).get(str(d.get("metric")))),
-                   seconds=_f(sum(_f(s) or 0.0 for s in d.get("step_seconds") or [])))
+                   metric=d.get("metric"), value=finite_float((d.get("metrics") or {}).get(str(d.get("metric")))),
+                   seconds=finite_float(sum(finite_float(s) or 0.0 for s in d.get("step_seconds") or [])))
     elif run.kind == "frontier":
         points = d.get("points") or []
         best = _best_frontier(points)
         row.update(model=d.get("model"), plan=f"{len(points)} points ({', '.join(d.get('families') or [])})",
-                   seconds=_f(sum((_f(p.get("quantize_s")) or 0) + (_f(p.get("eval_s")) or 0) +
-                                  (_f(p.get("solve_s")) or 0) for p in points)))
+                   seconds=finite_float(sum((finite_float(p.get("quantize_s")) or 0) + (finite_float(p.get("eval_s")) or 0) +
+                                  (finite_float(p.get("solve_s")) or 0) for p in points)))
         if best is not None:
             measured = best.get("measured") is not None
-            row.update(plan=f"best {best['label']} of {len(points)} points", bits_per_weight=_f(best["bits_per_weight"]),
+            row.update(plan=f"best {best['label']} of {len(points)} points", bits_per_weight=finite_float(best["bits_per_weight"]),
                        metric=(d.get("measured_name") or "measured") if measured else f"predicted {d.get('metric')}",
-                       value=_f(best["measured"] if measured else best["predicted"]))
+                       value=finite_float(best["measured"] if measured else best["predicted"]))
     elif run.kind == "search":
         row.update(plan=spec_summary([str(r.get("candidate")) for r in d.get("layers") or []]),
-                   bits_per_weight=_f(d.get("bits_per_weight")), metric=f"predicted {d.get('metric')}",
-                   value=_f(d.get("predicted")), seconds=_f(d.get("solve_s")))
+                   bits_per_weight=finite_float(d.get("bits_per_weight")), metric=f"predicted {d.get('metric')}",
+                   value=finite_float(d.get("predicted")), seconds=finite_float(d.get("solve_s")))
     elif run.kind == "profile":
         meta = d.get("meta") or {}
         row.update(model=d.get("model"), plan=f"{len(d.get('candidates') or [])} candidates x "
                                               f"{len(d.get('layers') or [])} layers",
-                   seconds=_f(meta.get("seconds")))
+                   seconds=finite_float(meta.get("seconds")))
     elif run.kind == "export":
         meta = d.get("meta") or d
         report = meta.get("report") or {}
         specs = [str(t.get("spec")) for t in (d.get("tensors") or {}).values()] or [
             str(v.get("weights")) for v in (d.get("layers") or {}).values() if isinstance(v, dict)]
         row.update(model=meta.get("model") or d.get("source"), plan=f"{d.get('format')}: {spec_summary(specs)}",
-                   bits_per_weight=_f((report.get("bits") or {}).get("quantized_bits_per_weight")))
+                   bits_per_weight=finite_float((report.get("bits") or {}).get("quantized_bits_per_weight")))
     return row
 
 

@@ -21,6 +21,7 @@ Reading is plain JSON/CSV/YAML (no model is loaded); safetensors files are read 
 from __future__ import annotations
 
 import csv
+import math
 import json
 import os
 import struct
@@ -221,3 +222,12 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     run = READERS[kind](folder)
     run.environment = read_environment(folder)
     return run
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, not a number, NaN or infinite)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

@@ -9,16 +9,8 @@ from typing import Any
 
 from mixq.report.layers import allocation_svg, exact_rules, spec_summary
 from mixq.report.page import facts, section, table
-from mixq.report.runs import Run
+from mixq.report.runs import Run, finite_float
 from mixq.report.svg import PALETTE, Axes, Point, Series, bars, line_plot
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def eval_facts(ev: dict[str, Any]) -> str:
@@ -48,15 +40,15 @@ def quantize_sections(run: Run) -> list[str]:
     ev = run.extra.get("eval")
     if isinstance(ev, dict):
         out.append(section("Evaluation", eval_facts(ev), "eval"))
-    cells = [(str(r["name"]), str(r.get("spec", "")).split(" ")[0], _num(r.get("bits_per_weight")),
+    cells = [(str(r["name"]), str(r.get("spec", "")).split(" ")[0], finite_float(r.get("bits_per_weight")),
               f"loss {r.get('loss')}") for r in layers if r.get("name")]
     kept = {name for name, cand in exact_rules(run.extra.get("plan") or []) if cand == "keep"}
     cells += [(name, "keep", 16.0, "kept in full precision") for name in sorted(kept)
               if name not in {c[0] for c in cells}]
     if cells:
         out.append(section("Per-layer allocation", allocation_svg(cells, "alloc-0"), "allocation"))
-    key = "loss" if any((_num(r.get("loss")) or 0) > 0 for r in layers) else "error"
-    values = [_num(r.get(key)) for r in layers]
+    key = "loss" if any((finite_float(r.get("loss")) or 0) > 0 for r in layers) else "error"
+    values = [finite_float(r.get(key)) for r in layers]
     if any(v is not None and v > 0 for v in values):
         names = [str(r.get("name")) for r in layers]
         tips = [f"{n}\n{r.get('spec')}: loss {r.get('loss')}, RTN loss {r.get('rtn_loss')}, error {r.get('error')}"
@@ -86,10 +78,10 @@ def train_sections(run: Run) -> list[str]:
                      **{f"final {k}": v for k, v in (d.get("metrics") or {}).items()}})
     out = [section("Training run", summary, "summary")]
     curve = run.extra.get("curve") or []
-    steps = [_num(r.get("step")) for r in curve]
-    losses = [_num(r.get("loss")) for r in curve]
+    steps = [finite_float(r.get("step")) for r in curve]
+    losses = [finite_float(r.get("loss")) for r in curve]
     if not curve:
-        losses = [_num(v) for v in d.get("losses") or []]
+        losses = [finite_float(v) for v in d.get("losses") or []]
         steps = [float(i + 1) for i in range(len(losses))]
     pts = [Point(s, v, f"step {s:g}: loss {v:.5g}") for s, v in zip(steps, losses) if s is not None and v is not None]
     series = [Series("train loss", pts, "#9ab8d8")]
@@ -102,7 +94,7 @@ def train_sections(run: Run) -> list[str]:
     out.append(section("Training curve", line_plot(series, Axes("step", "loss"), "train-plot"), "curve"))
     evals = [e for e in d.get("evals") or [] if isinstance(e, dict)]
     eval_pts = [Point(float(e["step"]), v, f"step {e['step']}: {metric} {v:.5g}") for e in evals
-                if _num(e.get("step")) is not None and (v := _num(e.get(metric))) is not None]
+                if finite_float(e.get("step")) is not None and (v := finite_float(e.get(metric))) is not None]
     if eval_pts:
         out.append(section(f"Evaluation ({metric})", line_plot([Series(metric, eval_pts, PALETTE[1])],
                                                                Axes("step", metric), "eval-plot"), "evals"))

@@ -10,16 +10,8 @@ from typing import Any
 from mixq.eval.search_report import FAMILY_STYLE, UNIFORM_STYLE
 from mixq.report.layers import allocation_svg, exact_rules, nominal_bits, spec_summary
 from mixq.report.page import facts, section, switcher, table
-from mixq.report.runs import Run
+from mixq.report.runs import Run, finite_float
 from mixq.report.svg import Axes, Point, Series, bars, heatmap, line_plot
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _tip(p: dict[str, Any], measured_name: str | None) -> str:
@@ -38,18 +30,18 @@ def frontier_plot(points: list[dict[str, Any]], key: str, measured_name: str | N
     series = []
     for family, style in FAMILY_STYLE.items():
         pts = [Point(float(p["bits_per_weight"]), y, _tip(p, measured_name), str(p["label"]))
-               for p in points if p["family"] == family and (y := _num(p.get(key))) is not None]
+               for p in points if p["family"] == family and (y := finite_float(p.get(key))) is not None]
         if pts:
             series.append(Series(str(style["label"]), pts, str(style["color"]),
                                  marker={"o": "circle", "s": "square"}.get(str(style["marker"]), "diamond")))
     uniform = [Point(float(p["bits_per_weight"]), y, _tip(p, measured_name), str(p["label"]), str(p["label"]))
                for p in points if p["family"] == "uniform" and p["label"] != "keep"
-               and (y := _num(p.get(key))) is not None]
+               and (y := finite_float(p.get(key))) is not None]
     if uniform:
         series.append(Series(str(UNIFORM_STYLE["label"]), uniform, str(UNIFORM_STYLE["color"]), line=False,
                              marker="diamond"))
     hlines = [(y, f"unquantized ({y:.5g})") for p in points if p["family"] == "uniform" and p["label"] == "keep"
-              and (y := _num(p.get(key))) is not None and y > 0]
+              and (y := finite_float(p.get(key))) is not None and y > 0]
     y_label = (measured_name or "measured") if key == "measured" else "predicted degradation"
     return line_plot(series, Axes("bits per weight (every scale counted)", y_label, log_y=True, hlines=hlines),
                      plot_id)
@@ -58,7 +50,7 @@ def frontier_plot(points: list[dict[str, Any]], key: str, measured_name: str | N
 def frontier_sections(run: Run) -> list[str]:
     """Summary, frontier plot(s), allocation heat maps and the points table of a frontier folder."""
     d = run.data
-    points = [p for p in d.get("points") or [] if _num(p.get("bits_per_weight")) is not None]
+    points = [p for p in d.get("points") or [] if finite_float(p.get("bits_per_weight")) is not None]
     name = d.get("measured_name")
     measured = any(p.get("measured") is not None for p in points)
     summary = facts({"model": d.get("model"), "metric (predicted degradation)": d.get("metric"),
@@ -119,7 +111,7 @@ def search_sections(run: Run) -> list[str]:
                      "bits/weight": d.get("bits_per_weight"), "predicted": d.get("predicted"),
                      "solver": d.get("method"), "optimal": d.get("optimal"), "solve s": d.get("solve_s"),
                      "candidates": d.get("candidates"), "plan": spec_summary([str(r.get("candidate")) for r in rows])})
-    heat = allocation_svg([(str(r["name"]), str(r.get("candidate")), _num(r.get("bits_per_weight")),
+    heat = allocation_svg([(str(r["name"]), str(r.get("candidate")), finite_float(r.get("bits_per_weight")),
                             f"{metric} {r.get(metric)}") for r in rows], "alloc-0") if rows else ""
     layer_rows = [[r.get("name"), r.get("candidate"), r.get("bits_per_weight"), r.get(metric)] for r in rows]
     return [section("Search run", summary, "summary"), section("Per-layer allocation", heat, "allocation"),
@@ -141,7 +133,7 @@ def profile_sections(run: Run) -> list[str]:
                      "candidates": cands, "seconds": meta.get("seconds")})
     heats, bar_choices = [], []
     for m, grid in scores.items():
-        values = [[_num(v) for v in row] for row in grid]
+        values = [[finite_float(v) for v in row] for row in grid]
         tips = [[f"{layers[i]}\n{cands[j]}: {m} {v:.4g}" if v is not None else f"{cands[j]} does not fit {layers[i]}"
                  for j, v in enumerate(row)] for i, row in enumerate(values)]
         texts = [[f"{v:.2g}" if v is not None else "" for v in row] for row in values]
@@ -150,18 +142,18 @@ def profile_sections(run: Run) -> list[str]:
     first = next(iter(scores), None)
     if first is not None:
         for j, c in enumerate(cands):
-            col = [_num(row[j]) for row in scores[first]]
+            col = [finite_float(row[j]) for row in scores[first]]
             if any(v for v in col):
                 bar_choices.append((f"bar-{c}", c, bars(layers, [v if v is not None else math.nan for v in col],
                                                          [f"{layers[i]}: {first} {col[i]}" for i in range(len(layers))],
                                                          f"bars-{j}", value_label=f"{first} score of {c}", log=True)))
     cand_rows = []
     for j, c in enumerate(cands):
-        row: list[Any] = [c, sum(1 for r in next(iter(scores.values()), []) if _num(r[j]) is not None)]
+        row: list[Any] = [c, sum(1 for r in next(iter(scores.values()), []) if finite_float(r[j]) is not None)]
         for m, grid in scores.items():
-            col = [v for r in grid if (v := _num(r[j])) is not None]
+            col = [v for r in grid if (v := finite_float(r[j])) is not None]
             row.append(statistics.median(col) if col else None)
-            row.append(sum(v for r in seconds.get(m, []) if (v := _num(r[j])) is not None) if m in seconds else None)
+            row.append(sum(v for r in seconds.get(m, []) if (v := finite_float(r[j])) is not None) if m in seconds else None)
         cand_rows.append(row)
     headers = ["candidate", "layers"] + [h for m in scores for h in (f"median {m}", f"{m} s")]
     out = [section("Profile run", summary, "summary"),
