@@ -81,6 +81,19 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
 
+def process_memory(field: str) -> int | None:
+    """A memory figure of this process in bytes from ``/proc/self/status`` (``"VmRSS:"`` now,
+    ``"VmHWM:"`` its peak); None where the file or the field is missing (not Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def write_environment(folder: str | os.PathLike[str], env: dict[str, Any] | None = None) -> Path:
     """Write ``env`` (default :func:`environment`) to ``folder/environment.json`` atomically; returns the path."""
     record = environment() if env is None else env

@@ -24,10 +24,7 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
+from mixq.run_info import process_memory as status
 
 import torch
 torch.set_num_threads(1)
