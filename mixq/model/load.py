@@ -16,6 +16,7 @@ imported: its ``__init__`` pulls in unrelated heavy packages).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import secrets
 import shutil
@@ -146,13 +147,7 @@ def fp32_bytes(folder: Path) -> int | None:
         checkpoint = LazyCheckpoint(folder)
     except (ModelLoadError, OSError, ValueError):
         return None
-    total = 0
-    for info in checkpoint.tensors.values():
-        n = 1
-        for d in info.shape:
-            n *= d
-        total += 4 * n
-    return total
+    return sum(4 * math.prod(info.shape) for info in checkpoint.tensors.values())
 
 
 def available_bytes() -> int | None:
